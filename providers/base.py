@@ -1,0 +1,137 @@
+"""The provider interface: where a sandbox runs, not how we talk to the daemon inside it.
+
+A driver (one module per backend, named after the vendor) implements :class:`Provider`. It knows nothing of
+Celery, of credentials or of the daemon protocol: it starts a sandbox from a :class:`SandboxSpec`, runs
+commands in it, uploads files, says how to reach a port, stops it, and lists the sandboxes it owns by label.
+Every SDK exception is translated at the driver boundary into :mod:`worker.errors` classes, so callers
+decide transient versus permanent in one place.
+"""
+
+from __future__ import annotations
+
+import shlex
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+# Label keys carried by every sandbox we start. E2B filters metadata with a double-encoded query, so keys and
+# values are kept to [A-Za-z0-9_-] (request and tenant ids are validated to that alphabet).
+LABEL_OWNER = "sandbox-worker-owner"
+LABEL_REQUEST_ID = "sandbox-worker-request-id"
+LABEL_TENANT_ID = "sandbox-worker-tenant-id"
+LABEL_CREATED_AT = "sandbox-worker-created-at"
+LABEL_EXPIRES_AT = "sandbox-worker-expires-at"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """What to start. ``env`` is the sandbox's non-secret environment; secrets only reach the daemon's
+    process (see :meth:`Provider.spawn`)."""
+
+    image: str | None
+    labels: Mapping[str, str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cpu: float | None = None
+    memory_mb: int | None = None
+    ttl_seconds: int = 3600
+    ports: tuple[int, ...] = ()
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    """A handle on a started sandbox."""
+
+    provider: str
+    sandbox_id: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    state: str = "running"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """How to reach a port of a sandbox: a base URL plus any headers the provider's edge requires
+    (a traffic token, a preview token, or a Host header when routing through a proxy)."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def __bool__(self) -> bool:
+        return self.exit_code == 0
+
+
+def detached_command(argv: Sequence[str], *, cwd: str, log_path: str) -> str:
+    """A POSIX shell line that runs ``argv`` from ``cwd`` in the background, its output appended to
+    ``log_path``, detached from the caller's stdio so the launching exec can return at once."""
+    command = " ".join(shlex.quote(part) for part in argv)
+    return (
+        f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)} && "
+        f"nohup {command} >>{shlex.quote(log_path)} 2>&1 </dev/null &"
+    )
+
+
+class Provider(ABC):
+    """One sandbox backend. Implementations must be safe to call from one thread at a time and must map
+    their SDK's exceptions (and raw transport errors) to :mod:`worker.errors`."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def start(self, spec: SandboxSpec) -> Sandbox:
+        """Start a sandbox and return once commands can run in it."""
+
+    @abstractmethod
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        """The sandbox with this id, or None when it does not exist (any more)."""
+
+    @abstractmethod
+    def exec(
+        self,
+        sandbox: Sandbox,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float = 60.0,
+    ) -> ExecResult:
+        """Run a command to completion. A non-zero exit is a result, not an exception."""
+
+    @abstractmethod
+    def spawn(
+        self,
+        sandbox: Sandbox,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        log_path: str,
+    ) -> None:
+        """Start a long-running process (the daemon) in the background and return at once. ``env`` may hold
+        secrets: it must reach the process environment only, never argv, labels or the sandbox's own env."""
+
+    @abstractmethod
+    def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Write ``data`` to the absolute ``path`` in the sandbox, creating parent directories."""
+
+    @abstractmethod
+    def endpoint(self, sandbox: Sandbox, port: int) -> Endpoint:
+        """How the worker reaches ``port`` inside the sandbox."""
+
+    @abstractmethod
+    def stop(self, sandbox_id: str) -> bool:
+        """Stop and remove the sandbox. Idempotent: returns False when it was already gone."""
+
+    @abstractmethod
+    def list_owned(self, labels: Mapping[str, str]) -> list[Sandbox]:
+        """Every sandbox carrying all of ``labels`` (the owner label at least)."""
+
+    def close(self) -> None:  # noqa: B027 - most drivers hold nothing worth closing
+        """Release clients and connection pools."""

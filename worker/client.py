@@ -1,0 +1,91 @@
+"""The Python API for web apps and scripts: submit requests, follow them, read results, end sessions.
+
+    client = SessionClient()
+    client.submit(SessionRequest(tenant_id="acme", agent="mock", provider="docker", session={"prompt": "hi"}))
+    result = client.wait(request_id)            # SessionResult
+    token = client.token(request_id)            # SecretStr: the daemon's bearer token, only on request
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+from pydantic import SecretStr
+
+from worker import celery_app
+from worker.celery_app import PROVIDER_NAMES, SESSIONS_QUEUE, provider_queue
+from worker.config import Settings, get_settings
+from worker.errors import InvalidRequest
+from worker.models import SessionRequest, SessionResult
+from worker.pipeline import parse_request, token_for
+from worker.store import Store
+
+ProgressCallback = Callable[[str], None]
+
+
+class SessionClient:
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+        self.settings = settings or get_settings()
+        if app is None:
+            app = celery_app.app
+        self.app = app
+        self.store = Store.from_settings(self.settings)
+
+    def submit(self, request: SessionRequest | dict[str, Any], *, validate: bool = True) -> str:
+        """Queue a request; returns its request_id. ``validate=False`` leaves validation to the worker."""
+        payload = request.model_dump(mode="json") if isinstance(request, SessionRequest) else dict(request)
+        if validate:
+            payload = parse_request(payload).model_dump(mode="json")
+        request_id = str(payload.get("request_id") or "")
+        if not request_id:
+            raise InvalidRequest("request_id is required when validation is off", field="request_id")
+        provider = payload.get("provider")
+        queue = provider_queue(provider) if isinstance(provider, str) and provider in PROVIDER_NAMES else SESSIONS_QUEUE
+        self.app.send_task("sessions.create", args=[payload], task_id=request_id, queue=queue)
+        return request_id
+
+    def status(self, request_id: str) -> SessionResult | None:
+        """The latest known result: the worker's record, or the task result of a request never recorded
+        (one rejected as invalid)."""
+        record = self.store.get(request_id)
+        if record is not None:
+            return record.result
+        task = AsyncResult(request_id, app=self.app)
+        if task.successful():
+            return SessionResult.model_validate(task.result)
+        return None
+
+    def wait(
+        self, request_id: str, *, timeout: float = 900.0, on_progress: ProgressCallback | None = None
+    ) -> SessionResult:
+        """Block until the request is ready, failed or terminated; ``on_progress`` gets each stage name."""
+        task = AsyncResult(request_id, app=self.app)
+        deadline = time.monotonic() + timeout
+        last_stage = None
+        while time.monotonic() < deadline:
+            if task.state == "SUCCESS":
+                return SessionResult.model_validate(task.result)
+            if task.state == "FAILURE":
+                raise RuntimeError(f"task {request_id} crashed: {type(task.result).__name__}")
+            stage = (task.info or {}).get("stage") if task.state == "PROGRESS" else None
+            if stage and stage != last_stage and on_progress:
+                on_progress(stage)
+            last_stage = stage or last_stage
+            time.sleep(0.1)
+        raise TimeoutError(f"request {request_id} did not finish within {timeout:g}s")
+
+    def token(self, request_id: str) -> SecretStr | None:
+        """The daemon's bearer token of a ready session."""
+        return token_for(self.store, request_id)
+
+    def terminate(self, request_id: str, *, wait: bool = True, timeout: float = 300.0) -> SessionResult | None:
+        record = self.store.get(request_id)
+        queue = provider_queue(record.request.provider.value) if record else SESSIONS_QUEUE
+        task = self.app.send_task("sessions.terminate", args=[request_id], queue=queue)
+        if not wait:
+            return None
+        return SessionResult.model_validate(task.get(timeout=timeout))

@@ -1,0 +1,163 @@
+"""The data at the edges: what a session request is, and what comes back.
+
+A :class:`SessionRequest` carries no secret value: secrets travel as references (``secret_ref``, vault
+names) resolved on the worker. ``docs/session-request.schema.json`` is generated from this module
+(``sandbox-worker schema``) and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+# Ids end up in sandbox labels and E2B metadata filters, which only survive a small alphabet.
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+class Agent(StrEnum):
+    claude = "claude"
+    codex = "codex"
+    opencode = "opencode"
+    amp = "amp"
+    mock = "mock"
+
+
+class ProviderName(StrEnum):
+    docker = "docker"
+    e2b = "e2b"
+    daytona = "daytona"
+
+
+class Strategy(StrEnum):
+    none = "none"
+    gateway = "gateway"
+    byok = "byok"
+    shared = "shared"
+    subscription = "subscription"
+    vault = "vault"
+
+
+class LLMProvider(StrEnum):
+    anthropic = "anthropic"
+    openai = "openai"
+
+
+class GatewayBackend(StrEnum):
+    openrouter = "openrouter"
+    litellm = "litellm"
+    portkey = "portkey"
+
+
+class SessionState(StrEnum):
+    queued = "queued"
+    starting = "starting"
+    ready = "ready"
+    failed = "failed"
+    terminated = "terminated"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SessionState.ready, SessionState.failed, SessionState.terminated)
+
+
+class InstallMode(StrEnum):
+    preinstalled = "preinstalled"
+    upload = "upload"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CredentialsSpec(_Strict):
+    """How the agent gets its LLM credentials. References only, never values."""
+
+    strategy: Strategy | None = Field(
+        None, description="Credential strategy; the tenant's default (or 'none' for the mock agent) when absent."
+    )
+    secret_ref: str | None = Field(
+        None, max_length=128, description="Name of the tenant's secret in the secret store (strategy 'byok')."
+    )
+    gateway: GatewayBackend | None = Field(None, description="Gateway backend (strategy 'gateway').")
+    llm_provider: LLMProvider | None = Field(
+        None, description="LLM provider for agents that accept several (opencode); the agent's own otherwise."
+    )
+    vaults: list[Identifier] = Field(
+        default_factory=list, max_length=16, description="Vaults attached to the session (strategy 'vault')."
+    )
+
+
+class SandboxOptions(_Strict):
+    image: str | None = Field(
+        None,
+        max_length=512,
+        description="Image (docker), template (e2b) or snapshot (daytona); the provider default when absent.",
+    )
+    cpu: float | None = Field(None, gt=0, le=64, description="CPU cores.")
+    memory_mb: int | None = Field(None, ge=128, le=262144, description="Memory limit in MiB.")
+    ttl_seconds: int = Field(3600, gt=0, le=7 * 24 * 3600, description="Hard lifetime of the sandbox and session.")
+    env: dict[EnvName, str] = Field(
+        default_factory=dict, description="Non-secret environment for the sandbox and the agent."
+    )
+    labels: dict[Identifier, Annotated[str, StringConstraints(max_length=128)]] = Field(
+        default_factory=dict, description="Extra labels on the sandbox."
+    )
+
+
+class SessionOptions(_Strict):
+    cwd: str = Field(
+        "/workspace", pattern=r"^/", max_length=1024, description="Absolute working directory of the session."
+    )
+    prompt: str | None = Field(None, max_length=100_000, description="First prompt, sent once the session exists.")
+    model: str | None = Field(None, max_length=128, description="Agent model option (session/set_config_option).")
+    mode: str | None = Field(None, max_length=64, description="Agent mode; a headless-safe default when absent.")
+
+
+class SessionRequest(_Strict):
+    """A request to bring up one agent session. Safe to log and to put on the broker."""
+
+    request_id: Identifier = Field(
+        default_factory=lambda: uuid.uuid4().hex, description="Client-chosen idempotency key; generated when absent."
+    )
+    tenant_id: Identifier = Field(description="The tenant the session runs for.")
+    agent: Agent
+    provider: ProviderName
+    credentials: CredentialsSpec = Field(default_factory=CredentialsSpec)
+    sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
+    session: SessionOptions = Field(default_factory=SessionOptions)
+
+    @field_validator("request_id", "tenant_id", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+
+class ErrorInfo(_Strict):
+    code: str
+    stage: str | None = None
+    message: str
+    field: str | None = None
+
+
+class SessionResult(_Strict):
+    """What a client gets back. Holds no secret: the daemon token is handed out only on request."""
+
+    request_id: str
+    tenant_id: str | None = None
+    state: SessionState
+    stage: str | None = Field(None, description="The stage in progress, or the last one reached.")
+    provider: ProviderName | None = None
+    agent: Agent | None = None
+    sandbox_id: str | None = None
+    daemon_url: str | None = None
+    server_id: str | None = None
+    session_id: str | None = None
+    reply: str | None = Field(None, description="The agent's reply to the first prompt, when one was sent.")
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    error: ErrorInfo | None = None
+    updated_at: float = Field(default_factory=time.time)

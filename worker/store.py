@@ -1,0 +1,143 @@
+"""Session records in Redis: one record per request_id, a lease while a worker brings it up.
+
+Keys (prefix ``sw:``):
+
+* ``sw:session:<request_id>`` — the :class:`SessionRecord` as JSON (request, result, encrypted daemon token).
+* ``sw:lease:<request_id>`` — the id of the worker bringing the request up; expires unless renewed.
+* ``sw:sessions`` — sorted set of request ids by last update, for listing and the reaper.
+
+Secret values are stored only Fernet-encrypted; without a key the worker refuses to store them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import redis
+from cryptography.fernet import Fernet, InvalidToken
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from worker.config import Settings
+from worker.errors import ConfigurationError
+from worker.models import SessionRequest, SessionResult, SessionState
+
+PREFIX = "sw:"
+
+# Renew or release a lease only if we still hold it (compare-and-set on the holder's id).
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+class SessionRecord(BaseModel):
+    """Everything the worker keeps about one request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: SessionRequest
+    result: SessionResult
+    daemon_token: str | None = None  # Fernet ciphertext
+    attempts: int = 0
+    terminate_requested: bool = False
+    created_at: float
+
+    def __repr__(self) -> str:
+        return f"SessionRecord(request_id={self.request.request_id!r}, state={self.result.state.value!r})"
+
+
+class Cipher:
+    """Fernet encryption of secret values at rest."""
+
+    def __init__(self, key: SecretStr | None) -> None:
+        self._fernet = Fernet(key.get_secret_value().encode()) if key else None
+
+    def _require(self) -> Fernet:
+        if self._fernet is None:
+            raise ConfigurationError(
+                "SANDBOX_WORKER_FERNET_KEY is not set: the worker will not store secrets unencrypted "
+                "(create one with `sandbox-worker keygen`)"
+            )
+        return self._fernet
+
+    def encrypt(self, value: SecretStr) -> str:
+        return self._require().encrypt(value.get_secret_value().encode()).decode()
+
+    def decrypt(self, token: str) -> SecretStr:
+        try:
+            return SecretStr(self._require().decrypt(token.encode()).decode())
+        except InvalidToken as exc:
+            raise ConfigurationError("a stored secret cannot be decrypted with the configured Fernet key") from exc
+
+
+class Store:
+    def __init__(self, client: redis.Redis, cipher: Cipher) -> None:
+        self.redis = client
+        self.cipher = cipher
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        client = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=10, health_check_interval=30
+        )
+        return cls(client, Cipher(settings.fernet_key))
+
+    # -- records ----------------------------------------------------------------------------------------
+    def get(self, request_id: str) -> SessionRecord | None:
+        raw = self.redis.get(f"{PREFIX}session:{request_id}")
+        return SessionRecord.model_validate_json(raw) if raw else None
+
+    def put(self, record: SessionRecord) -> None:
+        record.result.updated_at = time.time()
+        request_id = record.request.request_id
+        pipe = self.redis.pipeline()
+        pipe.set(f"{PREFIX}session:{request_id}", record.model_dump_json())
+        pipe.zadd(f"{PREFIX}sessions", {request_id: record.result.updated_at})
+        pipe.execute()
+
+    def create(self, request: SessionRequest) -> SessionRecord:
+        """The record for ``request``, created queued if it does not exist yet (SET NX: one winner)."""
+        record = SessionRecord(
+            request=request,
+            result=SessionResult(
+                request_id=request.request_id,
+                tenant_id=request.tenant_id,
+                state=SessionState.queued,
+                provider=request.provider,
+                agent=request.agent,
+            ),
+            created_at=time.time(),
+        )
+        key = f"{PREFIX}session:{request.request_id}"
+        if self.redis.set(key, record.model_dump_json(), nx=True):
+            self.redis.zadd(f"{PREFIX}sessions", {request.request_id: record.created_at})
+            return record
+        existing = self.get(request.request_id)
+        assert existing is not None
+        return existing
+
+    def request_ids(self) -> Iterator[str]:
+        for member, _score in self.redis.zscan_iter(f"{PREFIX}sessions"):
+            yield str(member)
+
+    def delete(self, request_id: str) -> None:
+        self.redis.delete(f"{PREFIX}session:{request_id}")
+        self.redis.zrem(f"{PREFIX}sessions", request_id)
+
+    def token_of(self, record: SessionRecord) -> SecretStr | None:
+        return self.cipher.decrypt(record.daemon_token) if record.daemon_token else None
+
+    # -- leases -----------------------------------------------------------------------------------------
+    def acquire_lease(self, request_id: str, holder: str, seconds: float) -> bool:
+        return bool(self.redis.set(f"{PREFIX}lease:{request_id}", holder, nx=True, px=int(seconds * 1000)))
+
+    def renew_lease(self, request_id: str, holder: str, seconds: float) -> bool:
+        return bool(self._renew(keys=[f"{PREFIX}lease:{request_id}"], args=[holder, int(seconds * 1000)]))
+
+    def release_lease(self, request_id: str, holder: str) -> None:
+        self._release(keys=[f"{PREFIX}lease:{request_id}"], args=[holder])
+
+    def lease_holder(self, request_id: str) -> str | None:
+        holder = self.redis.get(f"{PREFIX}lease:{request_id}")
+        return str(holder) if holder is not None else None

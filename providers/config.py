@@ -26,6 +26,11 @@ class DockerConfig(_ProviderConfig):
     )
     publish_host: str = Field("127.0.0.1", description="Host address the daemon port is published on.")
     network: str | None = Field(None, description="Docker network to attach sandboxes to.")
+    idle_command: tuple[str, ...] = Field(
+        ("sleep", "infinity"),
+        description="Entrypoint that keeps the sandbox alive; the daemon is started beside it, so images whose "
+        "entrypoint is the daemon itself (or a shell that exits) work unchanged.",
+    )
     # The engine runs the daemon as the image's default user; keep sandboxes off the host's privileges.
     pids_limit: int = Field(512, gt=0, description="Process limit per sandbox container.")
 
@@ -47,6 +52,14 @@ class E2BConfig(_ProviderConfig):
         None,
         description="Reach sandbox ports through this URL with a Host header instead of DNS (stand-ins, private edges).",
     )
+    public_traffic: bool = Field(
+        True,
+        description="When false, sandbox ports only answer requests carrying the sandbox's traffic access token "
+        "(endpoint() adds it).",
+    )
+    retries: int = Field(
+        3, ge=0, description="Control-plane retries of 429/502/503/504 answers (the SDK's own, with backoff)."
+    )
 
 
 class DaytonaConfig(_ProviderConfig):
@@ -59,4 +72,17 @@ class DaytonaConfig(_ProviderConfig):
     image: str | None = Field(None, description="Image to build from instead of a snapshot.")
     auto_delete_minutes: int = Field(
         0, ge=-1, description="Minutes after stop before Daytona deletes the sandbox (0 = at once)."
+    )
+    create_attempts: int = Field(
+        4,
+        ge=1,
+        le=10,
+        description="Create attempts on 429/502/503/504 and connection errors (the SDK retries no statuses); "
+        "each retry first adopts a sandbox the failed attempt may have created.",
+    )
+    create_backoff: float = Field(
+        0.5, gt=0, description="Initial seconds of the jittered exponential backoff between create attempts."
+    )
+    create_backoff_max: float = Field(
+        10.0, gt=0, description="Cap in seconds of one backoff wait (a Retry-After answer may ask for more, up to 60)."
     )

@@ -82,6 +82,8 @@ class DockerProvider(Provider):
         options: dict[str, Any] = {
             "detach": True,
             "init": True,
+            "entrypoint": list(self.config.idle_command),
+            "command": [],
             "labels": dict(spec.labels),
             "environment": dict(spec.env),
             "ports": {f"{port}/tcp": (self.config.publish_host, None) for port in spec.ports},

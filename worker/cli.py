@@ -68,7 +68,9 @@ def _progress_view(stages: list[str], current: str | None, done: bool) -> Table:
 @app.command()
 def worker(
     concurrency: Annotated[int, typer.Option(help="Parallel bring-ups (prefork processes).")] = 2,
-    providers: Annotated[str, typer.Option(help="Comma-separated providers this worker serves.")] = "docker,e2b,daytona",
+    providers: Annotated[
+        str, typer.Option(help="Comma-separated providers this worker serves.")
+    ] = "docker,e2b,daytona",
     loglevel: Annotated[str, typer.Option()] = "INFO",
     beat: Annotated[bool, typer.Option(help="Also run the scheduler (single-host setups).")] = False,
 ) -> None:
@@ -202,3 +204,6 @@ def main() -> None:
     except SandboxWorkerError as exc:
         console.print(f"[red]error:[/red] {exc.message}" + (f" (field {exc.field})" if exc.field else ""))
         raise SystemExit(2) from None
+
+
+# Sub-command groups live beside the code they drive; each registers itself here.

@@ -1,9 +1,9 @@
 """The Python API for web apps and scripts: submit requests, follow them, read results, end sessions.
 
-    client = SessionClient()
-    client.submit(SessionRequest(tenant_id="acme", agent="mock", provider="docker", session={"prompt": "hi"}))
-    result = client.wait(request_id)            # SessionResult
-    token = client.token(request_id)            # SecretStr: the daemon's bearer token, only on request
+client = SessionClient()
+client.submit(SessionRequest(tenant_id="acme", agent="mock", provider="docker", session={"prompt": "hi"}))
+result = client.wait(request_id)            # SessionResult
+token = client.token(request_id)            # SecretStr: the daemon's bearer token, only on request
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from pydantic import SecretStr
 
-from worker import celery_app
-from worker.celery_app import PROVIDER_NAMES, SESSIONS_QUEUE, provider_queue
+from worker.celery_app import PROVIDER_NAMES, SESSIONS_QUEUE, create_app, provider_queue
 from worker.config import Settings, get_settings
 from worker.errors import InvalidRequest
 from worker.models import SessionRequest, SessionResult
@@ -30,9 +29,7 @@ ProgressCallback = Callable[[str], None]
 class SessionClient:
     def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
         self.settings = settings or get_settings()
-        if app is None:
-            app = celery_app.app
-        self.app = app
+        self.app = app or create_app(self.settings)
         self.store = Store.from_settings(self.settings)
 
     def submit(self, request: SessionRequest | dict[str, Any], *, validate: bool = True) -> str:

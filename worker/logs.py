@@ -37,3 +37,5 @@ def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO: useful when debugging a daemon, noise otherwise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

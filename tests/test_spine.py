@@ -107,7 +107,7 @@ def test_invalid_request_fails_clearly(
     assert result.error is not None
     assert result.error.code == "invalid_request"
     assert result.error.field == field
-    assert field.split(".")[-1] in result.error.message
+    assert field.rsplit(".", maxsplit=1)[-1] in result.error.message
     assert owned_containers(docker_client, request_id=request["request_id"]) == []
     assert "Retry in" not in celery_worker.log()
 

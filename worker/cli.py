@@ -20,6 +20,7 @@ from worker.models import Agent, ProviderName, SessionRequest, SessionResult, Se
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Bring up AI coding-agent sessions in sandboxes.")
 console = Console(stderr=True)
 SCHEMA_PATH = Path("docs") / "session-request.schema.json"
+SETTINGS_PATH = Path("docs") / "configuration.md"
 
 
 def _client() -> Any:
@@ -189,6 +190,20 @@ def schema(
         console.print(f"wrote {SCHEMA_PATH}")
     else:
         sys.stdout.write(text)
+
+
+@app.command("settings")
+def settings_doc(
+    write: Annotated[bool, typer.Option(help=f"Write {SETTINGS_PATH} instead of printing.")] = False,
+) -> None:
+    """The configuration reference (every SANDBOX_WORKER_* variable)."""
+    from worker.config import settings_reference
+
+    if write:
+        SETTINGS_PATH.write_text(settings_reference())
+        console.print(f"wrote {SETTINGS_PATH}")
+    else:
+        sys.stdout.write(settings_reference())
 
 
 @app.command()

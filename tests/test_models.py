@@ -1,0 +1,71 @@
+"""Unit tests of the request/result models and the published JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from worker.errors import InvalidRequest
+from worker.models import SessionRequest, SessionResult, SessionState
+from worker.pipeline import parse_request
+
+SCHEMA = Path(__file__).resolve().parent.parent / "docs" / "session-request.schema.json"
+
+
+def test_schema_file_matches_the_model() -> None:
+    """docs/session-request.schema.json is exactly what the model generates (`sandbox-worker schema --write`)."""
+    assert json.loads(SCHEMA.read_text()) == SessionRequest.model_json_schema()
+
+
+def test_minimal_request_gets_defaults() -> None:
+    """Only tenant, agent and provider are required; request_id is generated and defaults are safe."""
+    request = SessionRequest.model_validate({"tenant_id": "acme", "agent": "mock", "provider": "docker"})
+    assert len(request.request_id) == 32
+    assert request.session.cwd == "/workspace"
+    assert request.sandbox.ttl_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"tenant_id": "acme", "agent": "mock"}, "provider"),
+        ({"tenant_id": "a b", "agent": "mock", "provider": "docker"}, "tenant_id"),
+        ({"tenant_id": "acme", "agent": "mock", "provider": "docker", "request_id": "x/y"}, "request_id"),
+        ({"tenant_id": "acme", "agent": "mock", "provider": "docker", "session": {"cwd": "relative"}}, "session.cwd"),
+        (
+            {"tenant_id": "acme", "agent": "mock", "provider": "docker", "sandbox": {"memory_mb": 1}},
+            "sandbox.memory_mb",
+        ),
+        (
+            {"tenant_id": "acme", "agent": "mock", "provider": "docker", "sandbox": {"env": {"1BAD": "x"}}},
+            "sandbox.env.1BAD",
+        ),
+        ("not an object", "request"),
+    ],
+)
+def test_invalid_requests_name_their_field(payload: object, field: str) -> None:
+    """parse_request turns the first validation problem into InvalidRequest naming the field."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(payload)
+    assert caught.value.field.startswith(field)
+    assert caught.value.code == "invalid_request"
+
+
+def test_terminal_states() -> None:
+    """ready, failed and terminated are terminal; queued and starting are not."""
+    assert {s for s in SessionState if s.terminal} == {SessionState.ready, SessionState.failed, SessionState.terminated}
+
+
+def test_result_round_trips_as_json() -> None:
+    """A result survives the JSON serializer Celery uses."""
+    result = SessionResult(request_id="r1", state=SessionState.ready, timings_ms={"sandbox": 1.5})
+    assert SessionResult.model_validate(json.loads(result.model_dump_json())) == result
+
+
+def test_configuration_reference_matches_the_settings() -> None:
+    """docs/configuration.md is exactly what the settings generate (`sandbox-worker settings --write`)."""
+    from worker.config import settings_reference
+
+    assert (SCHEMA.parent / "configuration.md").read_text() == settings_reference()

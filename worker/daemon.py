@@ -11,7 +11,6 @@ Facts this module relies on (verified against 0.4.2, see docs/architecture.md):
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import secrets
@@ -99,7 +98,7 @@ def start_daemon(
     )
     argv = [
         DAEMON_PATH, "server", "--no-telemetry", "--host", "0.0.0.0", "--port", str(port),  # noqa: S104
-        "--token", token.get_secret_value(),
+        f"--token={token.get_secret_value()}",  # "=": a token may start with "-"
     ]  # fmt: skip
     provider.spawn(sandbox, argv, env=process_env, cwd=cwd, log_path=DAEMON_LOG)
 
@@ -187,12 +186,6 @@ class DaemonClient:
     def acp_servers(self) -> list[dict[str, Any]]:
         servers: list[dict[str, Any]] = self.get_json("/v1/acp")["servers"]
         return servers
-
-    def delete_server(self, server_id: str) -> None:
-        """DELETE an ACP server. The daemon holds this request while the agent lives; aborting it closes the
-        agent's stdin, which ends the agent, so a short timeout is the documented way to close."""
-        with contextlib.suppress(httpx.TimeoutException, httpx.TransportError):
-            self.http.delete(f"/v1/acp/{server_id}", timeout=2.0)
 
 
 def _raise_for_problem(response: httpx.Response) -> None:
@@ -284,13 +277,8 @@ class AcpConnection:
         """Stop reading; the agent keeps running for whoever connects next."""
         self._stop.set()
         self._posts.shutdown(wait=False, cancel_futures=True)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-
-    def close(self) -> None:
-        """End the agent process and remove the server."""
-        self.detach()
-        self.client.delete_server(self.server_id)
+        # The reader is not joined: it sees the flag within its one-second read timeout, or at once when the
+        # caller closes the client under it.
 
     # -- requests ---------------------------------------------------------------------------------------
     def initialize(self, timeout: float) -> dict[str, Any]:
@@ -418,7 +406,9 @@ class AcpConnection:
                         self._dispatch(data)
             except httpx.ReadTimeout:
                 continue  # no event in the last second: look at the stop flag and resume from Last-Event-ID
-            except httpx.TransportError:
+            except Exception:  # a closed client or a broken stream: resume unless we were told to stop
+                if self._stop.is_set():
+                    return
                 time.sleep(0.1)
             if self._inbox.exited is not None:
                 return

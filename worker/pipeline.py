@@ -360,7 +360,7 @@ class Pipeline:
         """Undo in reverse order; each step is best effort and logged, none masks the original error."""
         steps: list[tuple[str, Callable[[], Any]]] = []
         if attempt.acp is not None:
-            steps.append(("close session", attempt.acp.close))
+            steps.append(("detach from the session", attempt.acp.detach))
         if attempt.sandbox is not None and attempt.provider is not None:
             provider, sandbox_id = attempt.provider, attempt.sandbox.sandbox_id
             steps.append(("stop sandbox", lambda: provider.stop(sandbox_id)))
@@ -431,17 +431,7 @@ class Pipeline:
     def _teardown(self, record: SessionRecord) -> None:
         request = record.request
         provider = self.providers(request.provider)
-        token = self.store.token_of(record)
-        if record.result.daemon_url and record.result.server_id and token is not None:
-            with contextlib.suppress(SandboxWorkerError):
-                client = daemon.DaemonClient(
-                    provider.endpoint(
-                        Sandbox(request.provider.value, record.result.sandbox_id or ""), self.settings.daemon_port
-                    ),
-                    token,
-                )
-                client.delete_server(record.result.server_id)
-                client.close()
+        # Removing the sandbox ends the daemon and its agents with it; no ACP close is needed first.
         labels = {LABEL_OWNER: self.settings.owner, LABEL_REQUEST_ID: request.request_id}
         ids = {s.sandbox_id for s in provider.list_owned(labels)}
         if record.result.sandbox_id:

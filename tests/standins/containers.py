@@ -118,4 +118,3 @@ class ContainerSandboxes:
             member = tar.next()
             extracted = tar.extractfile(member) if member else None
             return extracted.read() if extracted else None
-

@@ -55,7 +55,9 @@ class ContainerSandboxes:
 
     def ids(self) -> list[str]:
         prefix = self._name("")
-        found = self.client.containers.list(all=True, filters={"label": f"{STANDIN_LABEL}={self.standin}"})
+        found = self.client.containers.list(
+            all=True, filters={"label": f"{STANDIN_LABEL}={self.standin}"}, ignore_removed=True
+        )
         return [c.name.removeprefix(prefix) for c in found if c.name.startswith(prefix)]
 
     def remove(self, sandbox_id: str) -> bool:

@@ -23,10 +23,17 @@ from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec,
 from providers.config import DockerConfig
 from worker.errors import (
     InvalidRequest,
+    ProviderAuthError,
     ProviderError,
+    ProviderRateLimited,
     ProviderUnavailable,
     SandboxGone,
 )
+
+_GONE_STATES = frozenset({"removing", "exited", "dead"})
+
+# An engine behind an authorising proxy (or a TLS-protected remote engine) answers these.
+_BY_STATUS: dict[int, type[ProviderError]] = {401: ProviderAuthError, 403: ProviderAuthError, 429: ProviderRateLimited}
 
 
 @contextmanager
@@ -40,7 +47,9 @@ def _map_docker_errors(sandbox_id: str | None = None) -> Iterator[None]:
         raise SandboxGone(f"container not found: {exc.explanation}", provider="docker", sandbox_id=sandbox_id) from exc
     except docker.errors.APIError as exc:
         status = exc.status_code
-        error_cls = ProviderUnavailable if status is None or status >= 500 else ProviderError
+        error_cls = _BY_STATUS.get(status or 0) or (
+            ProviderUnavailable if status is None or status >= 500 else ProviderError
+        )
         raise error_cls(
             f"docker engine error {status}: {exc.explanation}", provider="docker", sandbox_id=sandbox_id, status=status
         ) from exc
@@ -112,9 +121,11 @@ class DockerProvider(Provider):
 
     def find(self, sandbox_id: str) -> Sandbox | None:
         try:
-            return self._sandbox(self._container(sandbox_id))
+            container = self._container(sandbox_id)
         except SandboxGone:
             return None
+        # Sandboxes are only ever removed, never stopped: one that is not running is on its way out.
+        return None if container.status in _GONE_STATES else self._sandbox(container)
 
     def exec(
         self,
@@ -189,6 +200,9 @@ class DockerProvider(Provider):
                 container.remove(force=True)
         except SandboxGone:
             return False
+        except ProviderError as exc:
+            if exc.status != 409:  # 409: a removal is already in progress, which is what we asked for
+                raise
         return True
 
     def list_owned(self, labels: Mapping[str, str]) -> list[Sandbox]:

@@ -229,6 +229,9 @@ def reject_permissions(params: dict[str, Any]) -> dict[str, Any]:
     return {"outcome": {"outcome": "cancelled"}}
 
 
+# Consecutive failures to (re)open the event stream, ~0.1 s apart, before the daemon counts as lost.
+STREAM_FAILURES = 20
+
 # Headless-safe modes by agent: the permissive mode where the agent has one, so no prompt waits for a human.
 HEADLESS_MODES: dict[str, str] = {"claude": "bypassPermissions", "codex": "full-access"}
 
@@ -241,6 +244,7 @@ class _Inbox:
     responses: dict[Any, dict[str, Any]] = field(default_factory=dict)
     chunks: dict[str, list[str]] = field(default_factory=dict)
     exited: dict[str, Any] | None = None
+    lost: str | None = None  # why the stream cannot be reopened (the daemon or its sandbox is gone)
     last_event_id: str | None = None
 
 
@@ -350,6 +354,8 @@ class AcpConnection:
                         break
                 if self._inbox.exited is not None:
                     raise AgentError(f"agent {self.agent} exited during {method} ({self._inbox.exited})")
+                if self._inbox.lost is not None:
+                    raise DaemonUnreachable(f"lost the daemon during {method}: {self._inbox.lost}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AgentError(f"{method} got no reply within {timeout:g}s")
@@ -390,28 +396,36 @@ class AcpConnection:
 
     # -- the event stream -------------------------------------------------------------------------------
     def _read_events(self) -> None:
-        while not self._stop.is_set():
+        failures = 0
+        while not self._stop.is_set() and self._inbox.exited is None:
             headers = {"Accept": "text/event-stream"}
             if self._inbox.last_event_id:
                 headers["Last-Event-ID"] = self._inbox.last_event_id
+            problem = None
             try:
                 with self.client.http.stream(
                     "GET", self._path, headers=headers, timeout=httpx.Timeout(10.0, read=1.0)
                 ) as response:
-                    if response.status_code != 200:
-                        time.sleep(0.1)
-                        continue
-                    for event_id, data in _sse_events(response.iter_lines(), self._stop):
-                        self._inbox.last_event_id = event_id or self._inbox.last_event_id
-                        self._dispatch(data)
+                    if response.status_code == 200:
+                        failures = 0
+                        for event_id, data in _sse_events(response.iter_lines(), self._stop):
+                            self._inbox.last_event_id = event_id or self._inbox.last_event_id
+                            self._dispatch(data)
+                    else:
+                        problem = f"event stream answered {response.status_code}"
             except httpx.ReadTimeout:
                 continue  # no event in the last second: look at the stop flag and resume from Last-Event-ID
-            except Exception:  # a closed client or a broken stream: resume unless we were told to stop
-                if self._stop.is_set():
-                    return
-                time.sleep(0.1)
-            if self._inbox.exited is not None:
+            except Exception as exc:  # a closed client or a broken stream: resume unless we were told to stop
+                problem = f"event stream failed: {type(exc).__name__}"
+            if problem is None or self._stop.is_set():
+                continue
+            failures += 1
+            if failures >= STREAM_FAILURES:
+                with self._inbox.lock:
+                    self._inbox.lost = problem
+                    self._inbox.lock.notify_all()
                 return
+            time.sleep(0.1)
 
     def _dispatch(self, data: str) -> None:
         try:

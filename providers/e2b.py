@@ -10,9 +10,10 @@ on, and why (see ../shared/reference/e2b-daytona.md):
 - Commands run under ``timeout -s KILL`` inside the sandbox, so a command that overruns is a result (exit 137)
   as with the Docker driver; the SDK's stream deadline, a few seconds later, is only the backstop for a
   sandbox that stopped answering.
-- The daemon is started by a short launcher (:func:`providers.base.detached_command`) whose output goes to the
-  log file; it exits at once, so envd's command deadline and stream never touch the daemon itself. Its
-  secrets travel only as that command's ``envs``.
+- The daemon is started by a short launcher (like :func:`providers.base.detached_command`) that puts it in the
+  background with its output on the log file and exits at once, so envd's command deadline and stream never
+  touch the daemon itself (the SDK's ``background=True, timeout=0`` would leave the wait for the first event
+  unbounded). Its secrets travel only as that command's ``envs``.
 - ``get_host(port)`` is computed by the SDK without a scheme: the endpoint is ``{port_scheme}://{host}``, or
   ``port_proxy_url`` with a ``Host`` header when DNS for the sandbox domain is not available.
 
@@ -32,7 +33,7 @@ from typing import Any
 import e2b
 import httpx
 
-from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec, detached_command
+from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec
 from providers.config import E2BConfig
 from worker.errors import (
     ConfigurationError,
@@ -52,7 +53,9 @@ EXEC_GRACE_SECONDS = 5.0
 # `connect` sets the lifetime of a running sandbox to at least this many seconds from now (E2B only ever extends
 # it on connect); it is used only for sandboxes this process did not start itself.
 CONNECT_MIN_LIFETIME = 60
-# A misbehaving list endpoint must not keep the reaper paging forever.
+# Sandboxes per list page (the API's maximum), and a bound so a misbehaving endpoint cannot keep the reaper
+# paging forever.
+LIST_PAGE_SIZE = 100
 MAX_LIST_PAGES = 1000
 # Idempotency keys E2B accepts: 1-255 lowercase letters, digits and hyphens.
 _IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")
@@ -107,6 +110,20 @@ def _map_e2b_errors(action: str, sandbox_id: str | None = None) -> Iterator[None
         raise error_class(
             f"e2b {action} failed: {_describe(exc)}", provider=PROVIDER, sandbox_id=sandbox_id, status=status
         ) from exc
+
+
+def _launcher(argv: Sequence[str], *, cwd: str, log_path: str) -> str:
+    """A shell line that starts ``argv`` in the background from ``cwd``, output appended to ``log_path``, and
+    exits at once, reporting a ``cwd`` it cannot create.
+
+    Unlike :func:`providers.base.detached_command` only the daemon goes to the background: in ``a && b && c &``
+    the ``&`` takes the whole list, so a subshell keeps the launcher's stdout open for the daemon's lifetime and
+    the command stream does not end (a ``docker exec`` behind it lingers 2-4 s per launch).
+    """
+    return (
+        f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)} && "
+        f"{{ nohup {shlex.join(argv)} >>{shlex.quote(log_path)} 2>&1 </dev/null & }} && exit 0"
+    )
 
 
 def _idempotency_key(key: str | None) -> str | None:
@@ -197,7 +214,9 @@ class E2BProvider(Provider):
         query = e2b.SandboxQuery(metadata=wanted, state=[e2b.SandboxState.RUNNING, e2b.SandboxState.PAUSED])
         found: list[Sandbox] = []
         with _map_e2b_errors("list"):
-            paginator = self.client.Sandbox.list(query=query, limit=100, request_timeout=self.config.request_timeout)
+            paginator = self.client.Sandbox.list(
+                query=query, limit=LIST_PAGE_SIZE, request_timeout=self.config.request_timeout
+            )
             for _ in range(MAX_LIST_PAGES):
                 if not paginator.has_next:
                     break
@@ -256,13 +275,12 @@ class E2BProvider(Provider):
         log_path: str,
     ) -> None:
         handle = self._handle(sandbox.sandbox_id)
-        launcher = detached_command(argv, cwd=cwd, log_path=log_path)
-        # The launcher backgrounds the daemon (nohup, stdio on the log file) and exits at once, so waiting for
-        # it is bounded by the request timeout and still reports a launch that failed (cwd not creatable).
+        # The launcher exits as soon as the daemon is in the background, so waiting for it is bounded by the request
+        # timeout, and envd's deadline for it never reaches the daemon. Secrets ride only in this command's envs.
         with _map_e2b_errors("spawn", sandbox.sandbox_id):
             try:
                 handle.commands.run(
-                    launcher,
+                    _launcher(argv, cwd=cwd, log_path=log_path),
                     envs=dict(env),
                     timeout=self.config.request_timeout,
                     request_timeout=self.config.request_timeout,

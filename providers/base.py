@@ -69,12 +69,16 @@ class ExecResult:
 
 
 def detached_command(argv: Sequence[str], *, cwd: str, log_path: str) -> str:
-    """A POSIX shell line that runs ``argv`` from ``cwd`` in the background, its output appended to
-    ``log_path``, detached from the caller's stdio so the launching exec can return at once."""
-    command = " ".join(shlex.quote(part) for part in argv)
+    """A POSIX shell line that starts ``argv`` in the background from ``cwd``, its output appended to
+    ``log_path``, and exits at once (reporting a ``cwd`` it cannot create).
+
+    Only the command goes to the background: in ``a && b && c &`` the ``&`` would take the whole list, and the
+    subshell running it would hold the launcher's stdout open for the daemon's lifetime, so the launching
+    exec would not end.
+    """
     return (
         f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)} && "
-        f"nohup {command} >>{shlex.quote(log_path)} 2>&1 </dev/null &"
+        f"{{ nohup {shlex.join(argv)} >>{shlex.quote(log_path)} 2>&1 </dev/null & }} && exit 0"
     )
 
 

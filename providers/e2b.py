@@ -10,7 +10,7 @@ on, and why (see ../shared/reference/e2b-daytona.md):
 - Commands run under ``timeout -s KILL`` inside the sandbox, so a command that overruns is a result (exit 137)
   as with the Docker driver; the SDK's stream deadline, a few seconds later, is only the backstop for a
   sandbox that stopped answering.
-- The daemon is started by a short launcher (like :func:`providers.base.detached_command`) that puts it in the
+- The daemon is started by a short launcher (:func:`providers.base.detached_command`) that puts it in the
   background with its output on the log file and exits at once, so envd's command deadline and stream never
   touch the daemon itself (the SDK's ``background=True, timeout=0`` would leave the wait for the first event
   unbounded). Its secrets travel only as that command's ``envs``.
@@ -33,7 +33,7 @@ from typing import Any
 import e2b
 import httpx
 
-from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec
+from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec, detached_command
 from providers.config import E2BConfig
 from worker.errors import (
     ConfigurationError,
@@ -110,20 +110,6 @@ def _map_e2b_errors(action: str, sandbox_id: str | None = None) -> Iterator[None
         raise error_class(
             f"e2b {action} failed: {_describe(exc)}", provider=PROVIDER, sandbox_id=sandbox_id, status=status
         ) from exc
-
-
-def _launcher(argv: Sequence[str], *, cwd: str, log_path: str) -> str:
-    """A shell line that starts ``argv`` in the background from ``cwd``, output appended to ``log_path``, and
-    exits at once, reporting a ``cwd`` it cannot create.
-
-    Unlike :func:`providers.base.detached_command` only the daemon goes to the background: in ``a && b && c &``
-    the ``&`` takes the whole list, so a subshell keeps the launcher's stdout open for the daemon's lifetime and
-    the command stream does not end (a ``docker exec`` behind it lingers 2-4 s per launch).
-    """
-    return (
-        f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)} && "
-        f"{{ nohup {shlex.join(argv)} >>{shlex.quote(log_path)} 2>&1 </dev/null & }} && exit 0"
-    )
 
 
 def _idempotency_key(key: str | None) -> str | None:
@@ -280,7 +266,7 @@ class E2BProvider(Provider):
         with _map_e2b_errors("spawn", sandbox.sandbox_id):
             try:
                 handle.commands.run(
-                    _launcher(argv, cwd=cwd, log_path=log_path),
+                    detached_command(argv, cwd=cwd, log_path=log_path),
                     envs=dict(env),
                     timeout=self.config.request_timeout,
                     request_timeout=self.config.request_timeout,

@@ -231,6 +231,8 @@ def test_preview_streams_server_sent_events_unbuffered(provider: DaytonaProvider
     def stream() -> bool:
         try:
             with httpx.stream("GET", f"{endpoint.url}/events", headers=dict(endpoint.headers), timeout=10) as answer:
+                if answer.status_code != 200:  # the server in the sandbox is not listening yet
+                    return False
                 started = time.monotonic()
                 for line in answer.iter_lines():
                     if line.startswith("data:"):

@@ -85,7 +85,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.standins.containers import ContainerSandboxes
-from tests.standins.faults import FaultInjector
+from tests.standins.faults import Fault, FaultInjector
 from tests.standins.server import ThreadedServer
 from worker import pins
 
@@ -224,7 +224,6 @@ class DaytonaStandIn:
         self.containers = ContainerSandboxes(image, standin=STANDIN, ports=self.ports)
         self._by_image: dict[str, ContainerSandboxes] = {image: self.containers}
         self._sandboxes: dict[str, _Sandbox] = {}
-        self._lost: list[list[Any]] = []  # [method, path regex, status, remaining count]
         self._created: set[str] = set()  # every sandbox id this instance made a container for
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -306,8 +305,16 @@ class DaytonaStandIn:
     def fail_after(self, method: str, path: str, status: int, *, count: int = 1) -> None:
         """Let the next ``count`` requests matching ``method`` and the ``path`` regex do their work, then answer
         ``status`` instead of the real response: a gateway that lost the answer (the classic double-create)."""
-        with self._lock:
-            self._lost.append([method, re.compile(path), status, count])
+        self.faults.add(
+            Fault(
+                path=path,
+                status=status,
+                method=method,
+                count=count,
+                after=True,
+                body={"statusCode": status, "message": "injected lost response", "source": SOURCE_PROXY},
+            )
+        )
 
     def vanish(self, sandbox_id: str) -> None:
         """Remove the sandbox and its container behind the SDK's back (as if deleted elsewhere or expired)."""
@@ -321,28 +328,7 @@ class DaytonaStandIn:
         if scope["type"] == "http" and scope["path"].startswith("/preview/"):
             await self._preview(scope, receive, send)
             return
-        lost_status = self._take_lost(scope) if scope["type"] == "http" else None
-        if lost_status is None:
-            await self._router(scope, receive, send)
-            return
-
-        async def swallow(message: dict[str, Any]) -> None:
-            pass
-
-        await self._router(scope, receive, swallow)
-        body = json.dumps({"statusCode": lost_status, "message": "injected lost response", "source": SOURCE_PROXY})
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": lost_status, "headers": headers})
-        await send({"type": "http.response.body", "body": body.encode()})
-
-    def _take_lost(self, scope: Scope) -> int | None:
-        with self._lock:
-            for rule in self._lost:
-                method, pattern, status, count = rule
-                if count > 0 and method == scope["method"] and pattern.search(scope["path"]):
-                    rule[3] -= 1
-                    return int(status)
-        return None
+        await self._router(scope, receive, send)
 
     async def _on_error(self, request: Request, exc: _Error) -> Response:
         return _envelope(request, exc)

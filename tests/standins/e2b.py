@@ -529,44 +529,6 @@ class _FilesystemService(filesystem_connect.Filesystem):
         return filesystem_pb.ListDirResponse(entries=[self._entry(e) for e in entries])
 
 
-class _ResponseLoss:
-    """ASGI middleware: let matching requests reach the app, then answer with an error anyway, as when a
-    response is lost on the way back (the case idempotency keys exist for)."""
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
-        self._rules: list[Fault] = []
-        self._lock = threading.Lock()
-
-    def add(self, fault: Fault) -> None:
-        with self._lock:
-            self._rules.append(fault)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._rules.clear()
-
-    def _take(self, method: str, path: str) -> Fault | None:
-        with self._lock:
-            for rule in self._rules:
-                if rule.count > 0 and rule.method in (None, method) and re.search(rule.path, path):
-                    rule.count -= 1
-                    return rule
-        return None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rule = self._take(scope["method"], scope["path"]) if scope["type"] == "http" else None
-        if rule is None:
-            await self.app(scope, receive, send)
-            return
-
-        async def swallow(message: MutableMapping[str, Any]) -> None:
-            return None
-
-        await self.app(scope, receive, swallow)
-        await _send_json(send, rule.status, rule.body or {"code": rule.status, "message": "injected lost response"})
-
-
 class _E2BApp:
     """The ASGI application: routes each request to the port proxy, envd or the control plane."""
 
@@ -1108,8 +1070,7 @@ class E2BStandIn:
             envd_version=envd_version,
             default_timeout=default_timeout,
         )
-        self._losses = _ResponseLoss(self.app)
-        self.faults = FaultInjector(self._losses)
+        self.faults = FaultInjector(self.app)
         self._server = ThreadedServer(self.faults, port=port)
         self.url = self._server.url
 
@@ -1159,14 +1120,13 @@ class E2BStandIn:
 
     def lose_response(self, path: str, *, method: str | None = None, status: int = 502, count: int = 1) -> Fault:
         """Process the next ``count`` matching requests, then answer ``status`` as if the response was lost."""
-        fault = Fault(path=path, status=status, method=method, count=count)
-        self._losses.add(fault)
+        fault = Fault(path=path, status=status, method=method, count=count, after=True)
+        self.faults.add(fault)
         return fault
 
     def clear_faults(self) -> None:
         """Drop queued faults and lost responses, and forget the recorded requests."""
         self.faults.clear()
-        self._losses.clear()
         self.app.create_requests.clear()
 
     @property

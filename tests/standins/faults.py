@@ -19,7 +19,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 @dataclass
 class Fault:
     """Answer ``count`` requests matching ``method`` and the ``path`` regex with ``status``.
-    ``status=0`` only delays (by ``delay`` seconds) and then lets the request through."""
+    ``status=0`` only delays (by ``delay`` seconds) and then lets the request through. ``after=True`` lets the
+    request do its work and then answers ``status`` anyway: a response lost on the way back (the case
+    idempotency keys exist for)."""
 
     path: str
     status: int
@@ -28,6 +30,7 @@ class Fault:
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None
+    after: bool = False
 
 
 class FaultInjector:
@@ -72,6 +75,12 @@ class FaultInjector:
         if fault.status == 0:
             await self.app(scope, receive, send)
             return
+        if fault.after:
+
+            async def swallow(_message: MutableMapping[str, Any]) -> None:
+                return None
+
+            await self.app(scope, receive, swallow)
         body = json.dumps(fault.body or {"code": fault.status, "message": "injected fault"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in fault.headers.items()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import docker
 import httpx
@@ -16,6 +16,7 @@ from daytona import DaytonaConfig as SdkConfig
 from providers.base import LABEL_OWNER, SandboxSpec
 from providers.config import DaytonaConfig
 from providers.daytona import LABEL_IDEMPOTENCY_KEY, DaytonaProvider
+from tests.conftest import wait_for
 from tests.standins.daytona import DaytonaStandIn
 from tests.standins.faults import Fault
 from worker import pins
@@ -25,14 +26,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 API_KEY = "test-daytona-key"
 CREATE = r"^/api/sandbox$"
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +161,7 @@ def test_spawn_keeps_running_with_secret_env_only_in_its_process(
     def written() -> bool:
         return provider.exec(sandbox, ["cat", "/tmp/spawned.out"]).stdout.strip() == f"token={secret}"
 
-    _wait_until(written, 10, "the spawned process to write its file")
+    wait_for(written, 10, 0.1, "the spawned process to write its file")
     time.sleep(1)
     sleepers = provider.exec(sandbox, ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]).stdout
     assert "sleep 300" in sleepers
@@ -197,7 +190,7 @@ def test_endpoint_reaches_port_with_preview_token_only(provider: DaytonaProvider
             return False
         return answer.status_code == 200 and answer.text == "hello from the sandbox\n"
 
-    _wait_until(served, 15, "the http server behind the preview link")
+    wait_for(served, 15, 0.1, "the http server behind the preview link")
     assert httpx.get(f"{endpoint.url}/hello.txt", timeout=5).status_code == 401
     wrong = {"X-Daytona-Preview-Token": "not-the-token"}
     assert httpx.get(f"{endpoint.url}/hello.txt", headers=wrong, timeout=5).status_code == 401
@@ -241,7 +234,7 @@ def test_preview_streams_server_sent_events_unbuffered(provider: DaytonaProvider
             return False
         return True
 
-    _wait_until(stream, 20, "the SSE server behind the preview link")
+    wait_for(stream, 20, 0.1, "the SSE server behind the preview link")
     assert [line for _, line in arrivals] == ["data: tick-0", "data: tick-1"]
     assert arrivals[0][0] < 1.0 <= arrivals[1][0]
 
@@ -388,8 +381,8 @@ def test_ttl_destroys_a_forgotten_sandbox(owner: str) -> None:
         driver = DaytonaProvider(_config(fast.api_url))
         try:
             sandbox = driver.start(_spec(owner, ttl_seconds=60))
-            _wait_until(lambda: driver.find(sandbox.sandbox_id) is None, 15, "the TTL to destroy the sandbox")
-            _wait_until(lambda: fast.container_ids() == [], 10, "the container to be removed")
+            wait_for(lambda: driver.find(sandbox.sandbox_id) is None, 15, 0.1, "the TTL to destroy the sandbox")
+            wait_for(lambda: fast.container_ids() == [], 10, 0.1, "the container to be removed")
         finally:
             driver.close()
 

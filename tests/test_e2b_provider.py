@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -17,6 +17,7 @@ import providers.e2b as e2b_driver
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID, LABEL_TENANT_ID, Sandbox, SandboxSpec
 from providers.config import E2BConfig
 from providers.e2b import E2BProvider
+from tests.conftest import wait_for
 from tests.standins.e2b import E2BStandIn
 from worker import pins
 from worker.errors import (
@@ -56,17 +57,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
 """
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +156,7 @@ def test_ttl_expiry_removes_the_sandbox(provider: E2BProvider, e2b_server: E2BSt
     """The TTL is a hard lifetime: the sandbox disappears when it elapses."""
     sandbox = provider.start(spec(ttl_seconds=2))
 
-    wait_until(lambda: provider.find(sandbox.sandbox_id) is None, 15, "the sandbox to expire")
+    wait_for(lambda: provider.find(sandbox.sandbox_id) is None, 15, 0.1, "the sandbox to expire")
     assert sandbox.sandbox_id not in e2b_server.container_ids()
 
 
@@ -241,9 +231,10 @@ def test_spawn_keeps_running_with_secret_env_only_in_its_process(provider: E2BPr
     provider.spawn(sandbox, argv, env={"SECRET_TOKEN": "s3cr3t-value"}, cwd="/srv/daemon", log_path="/tmp/daemon.log")
 
     assert time.monotonic() - started < 5
-    wait_until(
+    wait_for(
         lambda: "started with s3cr3t-value" in provider.exec(sandbox, ["cat", "/tmp/daemon.log"]).stdout,
         10,
+        0.1,
         "the daemon's log line",
     )
     time.sleep(1.5)
@@ -280,8 +271,8 @@ def test_endpoint_reaches_a_server_through_the_proxy(provider: E2BProvider) -> N
     endpoint = provider.endpoint(sandbox, 2468)
     assert endpoint.headers["Host"] == f"2468-{sandbox.sandbox_id}.{provider.config.domain}"
     with httpx.Client(base_url=endpoint.url, headers=dict(endpoint.headers), timeout=10, trust_env=False) as client:
-        response = wait_until(
-            lambda: (r := client.get("/hello.txt")).status_code == 200 and r, 20, "the sandbox's HTTP server"
+        response = wait_for(
+            lambda: (r := client.get("/hello.txt")).status_code == 200 and r, 20, 0.1, "the sandbox's HTTP server"
         )
     assert response.text == "hello from the sandbox\n"
 
@@ -294,7 +285,7 @@ def test_proxy_streams_sse_and_request_bodies(provider: E2BProvider) -> None:
     endpoint = provider.endpoint(sandbox, 2468)
 
     with httpx.Client(base_url=endpoint.url, headers=dict(endpoint.headers), timeout=10, trust_env=False) as client:
-        wait_until(lambda: client.post("/echo", content=b"ping").status_code == 200, 20, "the SSE server")
+        wait_for(lambda: client.post("/echo", content=b"ping").status_code == 200, 20, 0.1, "the SSE server")
         assert client.post("/echo", content=b"x" * 100_000).content == b"x" * 100_000
         arrivals: list[tuple[float, str]] = []
         started = time.monotonic()
@@ -318,7 +309,7 @@ def test_private_ports_need_the_traffic_token(e2b_server: E2BStandIn) -> None:
 
     assert endpoint.headers.get("e2b-traffic-access-token")
     with httpx.Client(base_url=endpoint.url, timeout=10, trust_env=False) as client:
-        wait_until(lambda: client.get("/", headers=dict(endpoint.headers)).status_code == 200, 20, "the server")
+        wait_for(lambda: client.get("/", headers=dict(endpoint.headers)).status_code == 200, 20, 0.1, "the server")
         assert client.get("/", headers={"Host": endpoint.headers["Host"]}).status_code == 403
 
 
@@ -494,9 +485,9 @@ def test_standin_command_deadline_kills_but_disconnect_does_not(e2b_server: E2BS
     doomed = sandbox.commands.run("sleep 61", background=True, timeout=1)
     doomed.disconnect()
 
-    wait_until(lambda: doomed.pid not in {p.pid for p in sandbox.commands.list()}, 10, "the deadline kill")
+    wait_for(lambda: doomed.pid not in {p.pid for p in sandbox.commands.list()}, 10, 0.1, "the deadline kill")
     assert survivor.pid in {p.pid for p in sandbox.commands.list()}
     assert sandbox.commands.kill(survivor.pid) is True
-    wait_until(lambda: not sandbox.commands.list(), 10, "the killed command to end")
+    wait_for(lambda: not sandbox.commands.list(), 10, 0.1, "the killed command to end")
     assert sandbox.commands.kill(survivor.pid) is False
     sandbox.kill()

@@ -24,7 +24,7 @@ from providers import load_provider
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID, Provider, SandboxSpec
 from tests.conftest import OWNER, WorkerProcess, wait_for
 from tests.standins.daytona import DaytonaStandIn
-from tests.standins.docker_faults import DockerFaultProxy, EngineFault
+from tests.standins.docker_faults import DockerFaultProxy
 from tests.standins.e2b import E2BStandIn
 from tests.standins.faults import Fault
 from worker import daemon, pins
@@ -53,7 +53,7 @@ def _docker_backend() -> Iterator[Backend]:
             name="docker",
             worker_env={"SANDBOX_WORKER_DOCKER__BASE_URL": proxy.url},
             fault_on_create=lambda status, count: proxy.add(
-                EngineFault(path=r"/containers/create", method="POST", status=status, count=count)
+                Fault(path=r"/containers/create", method="POST", status=status, count=count)
             ),
             clear_faults=proxy.clear,
             vanish=lambda sandbox_id: client.containers.get(sandbox_id).remove(force=True),

@@ -11,53 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import threading
-from dataclasses import dataclass, field
 
+from tests.standins.faults import FaultQueue
 from tests.standins.server import free_port
 
 ENGINE_SOCKET = "/var/run/docker.sock"
 
 
-@dataclass
-class EngineFault:
-    path: str  # regex on the request target, e.g. r"/containers/create"
-    status: int
-    method: str | None = None
-    count: int = 1
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class DockerFaultProxy:
+class DockerFaultProxy(FaultQueue):
     def __init__(self, socket_path: str = ENGINE_SOCKET) -> None:
+        super().__init__()
         self.socket_path = socket_path
         self.port = free_port()
         self.url = f"tcp://127.0.0.1:{self.port}"
-        self.requests: list[tuple[str, str]] = []
-        self._faults: list[EngineFault] = []
-        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="docker-fault-proxy", daemon=True)
-
-    def add(self, fault: EngineFault) -> None:
-        with self._lock:
-            self._faults.append(fault)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._faults.clear()
-            self.requests.clear()
-
-    def _take(self, method: str, target: str) -> EngineFault | None:
-        with self._lock:
-            self.requests.append((method, target))
-            for fault in self._faults:
-                if fault.count > 0 and fault.method in (None, method) and re.search(fault.path, target):
-                    fault.count -= 1
-                    return fault
-        return None
 
     def __enter__(self) -> DockerFaultProxy:
         self._thread.start()
@@ -85,7 +55,7 @@ class DockerFaultProxy:
             client_writer.close()
             return
         method, target = head.split(b" ", 2)[:2]
-        fault = self._take(method.decode(), target.decode())
+        fault = self.take(method.decode(), target.decode())
         if fault is not None:
             body = json.dumps({"message": f"injected fault {fault.status}"}).encode()
             extra = "".join(f"{k}: {v}\r\n" for k, v in fault.headers.items())

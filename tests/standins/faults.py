@@ -33,11 +33,10 @@ class Fault:
     after: bool = False
 
 
-class FaultInjector:
-    """ASGI middleware: records every request and plays the queued faults in order."""
+class FaultQueue:
+    """Queued faults, played in order, and a record of every request seen."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -51,22 +50,29 @@ class FaultInjector:
             self._faults.clear()
             self.requests.clear()
 
-    def _take(self, method: str, path: str) -> Fault | None:
+    def take(self, method: str, path: str) -> Fault | None:
+        """Record the request and return the first live fault it matches (spending one of its count)."""
         with self._lock:
+            self.requests.append((method, path))
             for fault in self._faults:
                 if fault.count > 0 and (fault.method in (None, method)) and re.search(fault.path, path):
                     fault.count -= 1
                     return fault
         return None
 
+
+class FaultInjector(FaultQueue):
+    """ASGI middleware: records every request and plays the queued faults in order."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__()
+        self.app = app
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], scope["path"]
-        with self._lock:
-            self.requests.append((method, path))
-        fault = self._take(method, path)
+        fault = self.take(scope["method"], scope["path"])
         if fault is None:
             await self.app(scope, receive, send)
             return

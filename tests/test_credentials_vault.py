@@ -1,0 +1,342 @@
+"""Vaults with egress injection: the seed's error cases, placeholders bound and released in Redis, the egress
+proxy (credential swap for the vault's host only, SSE unbuffered, echoes masked, dead placeholders and other
+hosts refused), and a real Docker sandbox whose agent reaches its LLM through the proxy without ever holding
+the real credential."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import redis as redis_lib
+from pydantic import SecretStr
+
+from tests.standins.credentials import CredentialStack, bring_up, fail
+from tests.standins.llm_upstream import LLMUpstream
+from tests.standins.server import ThreadedServer
+from worker.config import Settings
+from worker.credentials.settings import EgressSettings
+from worker.credentials.vault import (
+    CredentialKind,
+    Placeholders,
+    Vault,
+    VaultCredential,
+    VaultStore,
+    VaultStrategy,
+)
+from worker.egress_proxy import Masker, build_app
+from worker.errors import CredentialError, InvalidRequest
+from worker.models import SessionRequest
+from worker.redaction import MASK
+from worker.secrets import SecretStore
+from worker.store import Store
+
+pytest_plugins = ["tests.standins.credential_fixtures"]
+
+REAL = "sk-ant-real-" + "x" * 24
+
+
+def llm_vault(
+    name: str = "llm", *, engine: str = "claude", url: str = "https://api.anthropic.com", **cred: Any
+) -> Vault:
+    credential = VaultCredential(name="key", token=SecretStr(cred.pop("token", REAL)), **cred)
+    return Vault(name=name, metadata={"role": "llm", "engine": engine, "llm_base_url": url}, credentials=[credential])
+
+
+def session_request(tenant: str, vaults: list[str], agent: str = "claude") -> SessionRequest:
+    return SessionRequest(
+        tenant_id=tenant, agent=agent, provider="docker", credentials={"strategy": "vault", "vaults": vaults}
+    )
+
+
+@dataclass
+class VaultSetup:
+    secrets: SecretStore
+    vaults: VaultStore
+    strategy: VaultStrategy
+    tenant: str
+
+
+@pytest.fixture
+def setup(settings: Settings) -> VaultSetup:
+    secrets = SecretStore.from_store(Store.from_settings(settings))
+    vaults = VaultStore(secrets)
+    egress = EgressSettings(public_url="http://proxy.test:8089", placeholder_grace_seconds=60)
+    return VaultSetup(
+        secrets, vaults, VaultStrategy(vaults, Placeholders(secrets), egress), f"t-{uuid.uuid4().hex[:8]}"
+    )
+
+
+# -- vault management -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("metadata", "field"),
+    [
+        ({"role": "llm", "engine": "gpt"}, "metadata.engine"),
+        ({"role": "llm"}, "metadata.engine"),
+        ({"role": "llm", "engine": "claude", "llm_base_url": "ftp://x"}, "metadata.llm_base_url"),
+    ],
+)
+def test_vault_metadata_is_checked_at_creation(metadata: dict[str, str], field: str) -> None:
+    """Malformed reserved metadata is refused when the vault is made, naming the key."""
+    with pytest.raises(InvalidRequest) as refused:
+        Vault(name="v", metadata=metadata, credentials=[])
+    assert refused.value.field == field
+
+
+def test_vaults_are_sealed_and_listed_masked(setup: VaultSetup, redis_client: redis_lib.Redis) -> None:
+    """A vault is stored encrypted; listing and dumping it mask the token; a second create of the name fails."""
+    setup.vaults.create(setup.tenant, llm_vault())
+    raw = redis_client.hget(f"sw:sealed:vault:{setup.tenant}", "llm")
+    assert raw and REAL not in raw
+    (listed,) = setup.vaults.list(setup.tenant)
+    assert REAL not in listed.model_dump_json() and REAL not in repr(listed)
+    assert listed.credentials[0].token.get_secret_value() == REAL
+    with pytest.raises(InvalidRequest) as duplicate:
+        setup.vaults.create(setup.tenant, llm_vault())
+    assert duplicate.value.field == "name"
+    assert setup.vaults.delete(setup.tenant, "llm") and setup.vaults.list(setup.tenant) == []
+
+
+# -- the seed's errors ------------------------------------------------------------------------------------
+MCP_VAULT = Vault(
+    name="github",
+    metadata={"role": "mcp"},
+    credentials=[VaultCredential(name="gh", token=SecretStr("ghp-" + "y" * 20), mcp_server_url="https://mcp.example")],
+)
+
+
+@pytest.mark.parametrize(
+    ("vaults", "attach", "agent", "message"),
+    [
+        ([], [], "claude", "no LLM vault attached"),
+        ([MCP_VAULT], ["github"], "claude", "no LLM vault attached (none of github has role=llm)"),
+        ([], ["nope"], "claude", "has no vault named nope"),
+        ([llm_vault("a"), llm_vault("b")], ["a", "b"], "claude", "several LLM vaults attached (a, b)"),
+        ([llm_vault(engine="codex", url="https://api.openai.com/v1")], ["llm"], "claude", "engine mismatch"),
+        ([llm_vault()], ["llm"], "codex", "engine mismatch"),
+        ([llm_vault(mcp_server_url="https://mcp.example")], ["llm"], "claude", "carries an mcp_server_url"),
+        ([llm_vault(kind=CredentialKind.oauth2)], ["llm"], "claude", "needs a static bearer token"),
+        ([llm_vault(active=False)], ["llm"], "claude", "has no active credential"),
+        ([llm_vault(url="https://api.openai.com/v1")], ["llm"], "claude", "OpenAI-compatible endpoint"),
+        ([llm_vault(url="https://openrouter.ai/api/v1")], ["llm"], "claude", "OpenAI-compatible endpoint"),
+        ([llm_vault(url="http://llm.internal")], ["llm"], "claude", "plain http llm_base_url"),
+    ],
+    ids=[
+        "none-attached", "only-mcp", "unknown", "several", "codex-vault-claude-agent", "claude-vault-codex-agent",
+        "mcp-credential", "not-static-bearer", "no-active", "openai-endpoint", "openai-compatible-gateway", "http",
+    ],
+)  # fmt: skip
+def test_seed_errors_are_clear(
+    setup: VaultSetup, vaults: list[Vault], attach: list[str], agent: str, message: str
+) -> None:
+    """Each of the seed's vault errors is a CredentialError on credentials.vaults that says what is wrong."""
+    for vault in vaults:
+        setup.vaults.create(setup.tenant, vault)
+    with pytest.raises(CredentialError) as refused:
+        setup.strategy.grant(session_request(setup.tenant, attach, agent))
+    assert refused.value.field == "credentials.vaults"
+    assert message in refused.value.message
+    assert REAL not in refused.value.message
+
+
+def test_placeholder_is_bound_at_grant_and_dies_at_release(setup: VaultSetup, redis_client: redis_lib.Redis) -> None:
+    """The grant (with an MCP vault riding along) gives a random placeholder and the proxy URL for the vault's
+    host, Redis keeps only its digest with the session's ttl, and release kills it."""
+    setup.vaults.create(setup.tenant, llm_vault())
+    setup.vaults.create(setup.tenant, MCP_VAULT)
+    request = session_request(setup.tenant, ["github", "llm"])
+
+    grant = setup.strategy.grant(request)
+    placeholder = grant.env["ANTHROPIC_API_KEY"].get_secret_value()
+
+    assert placeholder.startswith("swph-") and len(placeholder) > 40
+    assert grant.env["CLAUDE_API_KEY"].get_secret_value() == placeholder
+    assert grant.plain_env == {"ANTHROPIC_BASE_URL": "http://proxy.test:8089/api.anthropic.com"}
+    assert REAL not in repr(grant) and REAL not in grant.secret_values()
+    binding = setup.strategy.placeholders.lookup(placeholder)
+    assert binding is not None and (binding.request_id, binding.vault) == (request.request_id, "llm")
+    stored = [f"{key}={redis_client.get(key)}" for key in redis_client.scan_iter("sw:egress*")]
+    assert stored and all(placeholder not in item for item in stored)
+    assert 3600 < redis_client.ttl(f"sw:egress-request:{request.request_id}") <= 3660
+    again = setup.strategy.grant(request).env["ANTHROPIC_API_KEY"].get_secret_value()
+    assert setup.strategy.placeholders.lookup(placeholder) is None  # a retried grant replaces it
+    setup.strategy.release(request)
+    assert setup.strategy.placeholders.lookup(again) is None
+    setup.strategy.release(request)  # idempotent
+
+
+# -- the proxy, in process ----------------------------------------------------------------------------------
+def test_masker_masks_across_chunks_and_holds_back_only_a_prefix() -> None:
+    """A secret split across chunks is masked; only a tail that could start the secret is held back."""
+    masker = Masker("SECRET-123")
+    assert masker.feed(b"data: a\n\n") == b"data: a\n\n"
+    assert masker.feed(b"xx SECR") == b"xx "
+    assert masker.feed(b"ET-123 yy") == MASK.encode() + b" yy"
+    assert masker.feed(b"SEC") == b""
+    assert masker.flush() == b"SEC"
+
+
+@dataclass
+class Proxy:
+    url: str
+    upstream: LLMUpstream
+    upstream_host: str
+    placeholder: str
+    request: SessionRequest
+    setup: VaultSetup
+
+    def post(self, path: str, *, host: str | None = None, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}/{host or self.upstream_host}{path}", timeout=10, **kwargs)
+
+
+@pytest.fixture
+def proxy(setup: VaultSetup) -> Iterator[Proxy]:
+    """The egress proxy app served in process, a loopback upstream, and a live placeholder for it."""
+    upstream = LLMUpstream(accepted={REAL})
+    with ThreadedServer(upstream.app()) as upstream_server:
+        settings = Settings(credentials={"egress": {"allow_http_upstreams": True}})
+        setup.vaults.create(setup.tenant, llm_vault(url=upstream_server.url))
+        request = session_request(setup.tenant, ["llm"])
+        grant = VaultStrategy(
+            setup.vaults,
+            Placeholders(setup.secrets),
+            settings.credentials.egress.model_copy(update={"public_url": "http://unused"}),
+        ).grant(request)
+        with ThreadedServer(build_app(settings, setup.secrets)) as proxy_server:
+            host = upstream_server.url.removeprefix("http://")
+            yield Proxy(
+                proxy_server.url, upstream, host, grant.env["ANTHROPIC_API_KEY"].get_secret_value(), request, setup
+            )
+
+
+def test_proxy_swaps_in_the_real_credential(proxy: Proxy) -> None:
+    """x-api-key and bearer placeholders both reach the upstream as the real credential, query intact."""
+    by_key = proxy.post("/v1/messages?beta=1", headers={"x-api-key": proxy.placeholder}, json={"m": 1})
+    by_bearer = proxy.post("/v1/chat/completions", headers={"Authorization": f"Bearer {proxy.placeholder}"}, json={})
+    assert (by_key.status_code, by_bearer.status_code) == (200, 200)
+    assert [(c.credential, c.scheme) for c in proxy.upstream.calls] == [(REAL, "x-api-key"), (REAL, "bearer")]
+    assert proxy.upstream.calls[0].body == {"m": 1}
+    assert "pong" in by_key.text
+
+
+def test_proxy_streams_sse_unbuffered(proxy: Proxy) -> None:
+    """SSE events come through as the upstream sends them, not when its stream ends."""
+    started = time.monotonic()
+    arrivals = []
+    with httpx.stream(
+        "POST",
+        f"{proxy.url}/{proxy.upstream_host}/v1/stream?count=3&pause=0.6",
+        headers={"x-api-key": proxy.placeholder},
+        json={},
+        timeout=10,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                arrivals.append((line, time.monotonic() - started))
+    assert [name for name, _ in arrivals] == ["event: delta"] * 3 + ["event: done"]
+    assert arrivals[0][1] < 0.5  # the first event arrived well before the 1.8 s stream ended
+    assert arrivals[-1][1] > 1.5
+
+
+def test_proxy_masks_an_upstream_echo_of_the_credential(proxy: Proxy) -> None:
+    """An upstream that echoes the credential back has it masked in body and headers."""
+    response = httpx.get(f"{proxy.url}/{proxy.upstream_host}/v1/echo", headers={"x-api-key": proxy.placeholder})
+    assert response.json() == {"you_sent": MASK}
+    assert response.headers["x-echo"] == MASK
+
+
+def test_proxy_refuses_other_hosts_dead_and_missing_placeholders(proxy: Proxy) -> None:
+    """Another host, no placeholder, an unknown one, a released one and a deleted vault are all refused,
+    and the upstream never sees a request."""
+    headers = {"x-api-key": proxy.placeholder}
+    other = proxy.post("/v1/messages", host="api.openai.com", headers=headers, json={})
+    other_port = proxy.post("/v1/messages", host=proxy.upstream_host.replace(":", ":1"), headers=headers, json={})
+    missing = proxy.post("/v1/messages", json={})
+    unknown = proxy.post("/v1/messages", headers={"x-api-key": "swph-" + "z" * 43}, json={})
+    assert (other.status_code, other_port.status_code, missing.status_code, unknown.status_code) == (403, 403, 401, 403)
+    assert "valid for" in other.json()["error"]["message"]
+    proxy.setup.vaults.delete(proxy.setup.tenant, "llm")
+    assert proxy.post("/v1/messages", headers=headers, json={}).status_code == 403
+    proxy.setup.vaults.create(proxy.setup.tenant, llm_vault(url=f"http://{proxy.upstream_host}"))
+    assert proxy.post("/v1/messages", headers=headers, json={}).status_code == 200
+    proxy.setup.strategy.placeholders.release(proxy.request.request_id)
+    assert proxy.post("/v1/messages", headers=headers, json={}).status_code == 403
+    assert len(proxy.upstream.calls) == 1
+
+
+# -- end to end ---------------------------------------------------------------------------------------------
+def _holds(stream: Iterator[bytes], needle: bytes) -> bool:
+    tail = b""
+    for chunk in stream:
+        if needle in tail + chunk:
+            return True
+        tail = (tail + chunk)[-len(needle) :]
+    return False
+
+
+@pytest.mark.integration
+def test_sandbox_reaches_its_llm_through_the_proxy_without_the_credential(
+    credential_stack: CredentialStack, session_client: Any, docker_client: docker.DockerClient
+) -> None:
+    """The agent's LLM call goes through the egress proxy with its placeholder and the upstream sees the real
+    key, while the container's inspect data, process environments, command lines and files hold no trace of it;
+    the placeholder is refused for another host, and dead once the session ends."""
+    stack = credential_stack
+    request = stack.request("claude", {"strategy": "vault", "vaults": ["anthropic"]})
+    vault = llm_vault("anthropic", url=stack.urls["vault_api"], token=stack.values["vault"])
+    VaultStore(stack.secret_store()).create(request["tenant_id"], vault)
+    real = stack.values["vault"].encode()
+
+    session = bring_up(session_client, request)
+
+    assert session.agent_entry()["credentialsAvailable"] is True
+    env = session.env_report()
+    upstream_host = stack.urls["vault_api"].removeprefix("http://")
+    assert env["credential_vars"] == ["ANTHROPIC_API_KEY", "CLAUDE_API_KEY"]
+    assert stack.proxy is not None
+    assert env["base_urls"] == {"ANTHROPIC_BASE_URL": f"{stack.proxy.url}/{upstream_host}"}
+    llm = session.llm("anthropic")
+    assert (llm["status"], llm["auth"]) == (200, "x-api-key")
+    assert stack.vault_api.calls[-1].credential == stack.values["vault"]
+
+    container = docker_client.containers.get(session.result.sandbox_id)
+    environ = container.exec_run(["sh", "-c", "cat /proc/*/environ"]).output
+    cmdlines = container.exec_run(["sh", "-c", "cat /proc/*/cmdline"]).output
+    placeholder = next(
+        part.split(b"=", 1)[1] for part in environ.split(b"\0") if part.startswith(b"ANTHROPIC_API_KEY=")
+    ).decode()
+    assert placeholder.startswith("swph-")
+    assert real not in environ and real not in cmdlines
+    assert real not in repr(container.attrs).encode()
+    assert not _holds(container.export(chunk_size=1 << 20), real)
+
+    other = httpx.post(f"{stack.proxy.url}/api.anthropic.com/v1/messages", headers={"x-api-key": placeholder}, json={})
+    assert other.status_code == 403
+    calls = len(stack.vault_api.calls)
+    session_client.terminate(request["request_id"])
+    dead = httpx.post(f"{stack.proxy.url}/{upstream_host}/v1/messages", headers={"x-api-key": placeholder}, json={})
+    assert dead.status_code == 403
+    assert len(stack.vault_api.calls) == calls
+
+
+@pytest.mark.integration
+def test_vault_session_with_the_wrong_engine_fails_clearly(
+    credential_stack: CredentialStack, session_client: Any
+) -> None:
+    """A claude session attaching a codex LLM vault fails at the credentials stage with the engine mismatch."""
+    stack = credential_stack
+    request = stack.request("claude", {"strategy": "vault", "vaults": ["openai"]})
+    vault = llm_vault("openai", engine="codex", url=f"{stack.urls['vault_api']}/v1", token=stack.values["vault"])
+    VaultStore(stack.secret_store()).create(request["tenant_id"], vault)
+
+    error = fail(session_client, request)
+
+    assert (error.code, error.field) == ("credentials", "credentials.vaults")
+    assert "engine mismatch" in error.message

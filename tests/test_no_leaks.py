@@ -1,0 +1,180 @@
+"""Never leaks: every strategy end to end, then a search for every secret value in every Redis key and value,
+the worker's and the egress proxy's logs, and every result; reprs and exception messages too."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import docker
+import pytest
+import redis as redis_lib
+from pydantic import SecretStr
+
+from tests.standins.credentials import CredentialStack, bring_up, fail
+from worker.config import get_settings
+from worker.credentials.broker import build_broker, gateway_keys
+from worker.credentials.gateways import GatewayUnavailable
+from worker.credentials.subscription import discover
+from worker.credentials.vault import Vault, VaultCredential, VaultStore
+from worker.errors import SandboxWorkerError
+from worker.models import GatewayBackend, LLMProvider, SessionRequest
+from worker.store import Store
+
+pytestmark = pytest.mark.integration
+pytest_plugins = ["tests.standins.credential_fixtures"]
+
+# (agent, credentials, provider the agent calls): every strategy, every gateway backend, both subscription kinds.
+SESSIONS: list[tuple[str, dict[str, Any], str | None]] = [
+    ("claude", {"strategy": "byok", "secret_ref": "anthropic"}, "anthropic"),
+    ("codex", {"strategy": "shared"}, "openai"),
+    ("claude", {"strategy": "subscription"}, "anthropic"),
+    ("codex", {"strategy": "subscription"}, None),
+    ("claude", {"strategy": "gateway", "gateway": "openrouter"}, "anthropic"),
+    ("codex", {"strategy": "gateway", "gateway": "litellm"}, "openai"),
+    ("claude", {"strategy": "gateway", "gateway": "portkey"}, "anthropic"),
+    ("claude", {"strategy": "vault", "vaults": ["anthropic"]}, "anthropic"),
+]
+
+
+def redis_dump(client: redis_lib.Redis) -> str:
+    """Every key and value in Redis, whatever its type, as one text."""
+    parts: list[str] = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        value: Any
+        if kind == "string":
+            value = client.get(key)
+        elif kind == "hash":
+            value = client.hgetall(key)
+        elif kind == "list":
+            value = client.lrange(key, 0, -1)
+        elif kind == "set":
+            value = sorted(client.smembers(key))
+        elif kind == "zset":
+            value = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            value = client.xrange(key)
+        else:
+            value = kind
+        parts.append(f"{key} => {value!r}")
+    return "\n".join(parts)
+
+
+def hits(secrets: dict[str, str], text: str) -> list[str]:
+    return sorted(name for name, value in secrets.items() if value and value in text)
+
+
+def test_every_strategy_end_to_end_leaves_no_secret_behind(
+    credential_stack: CredentialStack,
+    session_client: Any,
+    docker_client: docker.DockerClient,
+    redis_client: redis_lib.Redis,
+) -> None:
+    """After sessions of every strategy (and failures), no secret value is in Redis, the logs or any result."""
+    stack = credential_stack
+    results: list[str] = []
+    placeholders: dict[str, str] = {}
+    for n, (agent, credentials, provider) in enumerate(SESSIONS):
+        request = stack.request(
+            agent, credentials, tenant="internal-tools" if credentials["strategy"] == "shared" else None
+        )
+        if credentials["strategy"] == "byok":
+            stack.secret_store().put(request["tenant_id"], "anthropic", SecretStr(stack.values["byok"]))
+        if credentials["strategy"] == "vault":
+            vault = Vault(
+                name="anthropic",
+                metadata={"role": "llm", "engine": "claude", "llm_base_url": stack.urls["vault_api"]},
+                credentials=[VaultCredential(name="key", token=SecretStr(stack.values["vault"]))],
+            )
+            VaultStore(stack.secret_store()).create(request["tenant_id"], vault)
+        session = bring_up(session_client, request)
+        assert session.agent_entry()["credentialsAvailable"] is True
+        if provider:
+            llm = session.llm(provider)
+            assert llm["status"] == 200, (credentials, llm)
+            results.append(json.dumps(llm))
+        environ = docker_client.containers.get(session.result.sandbox_id).exec_run(["sh", "-c", "cat /proc/*/environ"])
+        for item in environ.output.split(b"\0"):
+            if item.startswith(b"ANTHROPIC_API_KEY=swph-"):
+                placeholders[f"placeholder_{n}"] = item.split(b"=", 1)[1].decode()
+        results.append(session.result.model_dump_json())
+        ended = session_client.terminate(request["request_id"])
+        results.append(ended.model_dump_json())
+        results.append(session_client.status(request["request_id"]).model_dump_json())
+
+    # Failures carry messages too: a gateway refusing (echoing its management key), a missing secret.
+    gateway = stack.gateways["openrouter"]
+    gateway.fail_next = 400
+    error = fail(session_client, stack.request("claude", {"strategy": "gateway", "gateway": "openrouter"}))
+    assert "failed on purpose" in error.message
+    results.append(error.model_dump_json())
+    results.append(
+        fail(session_client, stack.request("claude", {"strategy": "byok", "secret_ref": "nope"})).model_dump_json()
+    )
+
+    secrets = {**stack.secret_values(), **placeholders}
+    assert len(placeholders) == 1
+    assert len([k for k in secrets if k.startswith("minted_")]) >= 3
+    time.sleep(0.5)  # let the worker flush its last log lines
+    places = {
+        "redis": redis_dump(redis_client),
+        "worker log": stack.worker.log() if stack.worker else "",
+        "proxy log": stack.proxy.log() if stack.proxy else "",
+        "results": "\n".join(results),
+    }
+    assert "egress" in places["proxy log"] and "session ready" in places["worker log"]
+    assert {place: hits(secrets, text) for place, text in places.items()} == {place: [] for place in places}
+
+
+def test_reprs_and_exception_messages_hold_no_secret(
+    credential_stack: CredentialStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings, grants of every strategy, sealed records, clients and exceptions print no secret value."""
+    stack = credential_stack
+    stack.apply_env(monkeypatch)
+    settings = get_settings()
+    store = Store.from_settings(settings)
+    broker = build_broker(settings, store)
+    secrets = stack.secret_values()
+    texts: list[str] = [repr(settings), str(settings), settings.model_dump_json(), repr(broker.strategies)]
+    tenant = "internal-tools"
+    stack.secret_store().put(tenant, "anthropic", SecretStr(stack.values["byok"]))
+    vault = Vault(
+        name="anthropic",
+        metadata={"role": "llm", "engine": "claude", "llm_base_url": stack.urls["vault_api"]},
+        credentials=[VaultCredential(name="key", token=SecretStr(stack.values["vault"]))],
+    )
+    VaultStore(stack.secret_store()).create(tenant, vault, replace=True)
+    texts += [repr(vault), vault.model_dump_json(), str(vault.model_dump())]
+    for agent, credentials, _ in SESSIONS:
+        request = SessionRequest(tenant_id=tenant, agent=agent, provider="docker", credentials=credentials)
+        grant = broker.grant(request)
+        texts += [repr(grant), str(grant)]
+        broker.release(request)
+    keys = gateway_keys(settings, store)
+    assert keys is not None
+    for backend in keys.backends_of(tenant):
+        cached = keys.cached(tenant, backend)
+        assert cached is not None
+        texts += [repr(cached), cached.model_dump_json(), repr(keys.client(backend))]
+        keys.revoke(tenant, backend)
+    assert settings.credentials.subscription.home is not None
+    texts.append(repr(discover(settings.credentials.subscription.home, LLMProvider.anthropic)))
+    errors: list[SandboxWorkerError] = []
+    for backend in GatewayBackend:
+        stack.gateways[backend.value].fail_next = 400
+        try:
+            keys.ensure("leak-check", backend)
+        except SandboxWorkerError as exc:
+            errors.append(exc)
+    stack.gateways["portkey"].fail_next = 503
+    try:
+        keys.rotate("leak-check", GatewayBackend.portkey)
+    except GatewayUnavailable as exc:
+        errors.append(exc)
+    assert len(errors) == 4
+    texts += [f"{e!r} {e} {e.message}" for e in errors]
+    secrets = {**secrets, **stack.secret_values()}
+    assert hits(secrets, "\n".join(texts)) == []

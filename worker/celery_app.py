@@ -26,12 +26,24 @@ def provider_queue(provider: str) -> str:
 
 ALL_QUEUES = (SESSIONS_QUEUE, *(provider_queue(p) for p in PROVIDER_NAMES))
 
+# The longest countdown of a session task's retry (tasks/sessions.py backs off up to a minute). With Redis, a task
+# waiting out its countdown is already delivered and unacknowledged, so it counts against the visibility timeout.
+RETRY_COUNTDOWN_MAX = 60
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Seconds before Redis hands an unacknowledged message to another worker. It must outlast the longest
+    legitimate hold — a retry's countdown plus a whole run up to the hard time limit — or a live task would be
+    delivered twice; past it, a message whose worker died is redelivered (the reaper requeues such requests
+    sooner)."""
+    return RETRY_COUNTDOWN_MAX + settings.task_time_limit + 60
+
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("sandbox_worker", broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
-        include=["tasks.sessions"],
+        include=["tasks.sessions", "tasks.maintenance", "tasks.batches"],
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -43,13 +55,23 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
-        # A message unacknowledged for longer than this is redelivered: keep it above the hard time limit.
-        broker_transport_options={"visibility_timeout": settings.task_time_limit + 60},
+        broker_transport_options={"visibility_timeout": visibility_timeout(settings)},
+        # A lost broker connection leaves running bring-ups alone: they finish and record their result (the
+        # store reconnects on its own); their message comes back after the visibility timeout and finds it.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_connection_max_retries=None,
+        beat_schedule={
+            "reap": {"task": "maintenance.reap", "schedule": settings.fleet.reap_interval_seconds},
+            "batches-tick": {"task": "batches.tick", "schedule": settings.fleet.batch_tick_seconds},
+        },
         result_expires=7 * 24 * 3600,
         task_track_started=True,
         task_default_queue=SESSIONS_QUEUE,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # Pool processes keep their real stderr: redirected, structlog's stderr handler fed the redirect's logger
+        # and every line was dropped by its recursion guard.
+        worker_redirect_stdouts=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
     )

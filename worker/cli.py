@@ -51,14 +51,19 @@ def _print_result(result: SessionResult, as_json: bool) -> None:
     console.print(table)
 
 
-def _progress_view(stages: list[str], current: str | None, done: bool) -> Table:
+def _progress_view(current: str | None, outcome: SessionState | None = None) -> Table:
+    """Stages before ``current`` are done (quick ones pass between two polls); ``current`` is running, or
+    finished with ``outcome``."""
     from worker.pipeline import STAGES
 
+    at = STAGES.index(current) if current in STAGES else -1
     table = Table(show_header=False, box=None)
-    for stage in STAGES:
-        if stage in stages and (stage != current or done):
+    for index, stage in enumerate(STAGES):
+        if index < at or (index == at and outcome is SessionState.ready):
             mark = "[green]✔[/green]"
-        elif stage == current:
+        elif index == at and outcome is not None:
+            mark = "[red]✘[/red]"
+        elif index == at:
             mark = "[yellow]…[/yellow]"
         else:
             mark = "[dim]·[/dim]"
@@ -132,20 +137,14 @@ def submit(
     if not wait:
         typer.echo(request.request_id)
         return
-    stages: list[str] = []
-    with Live(_progress_view(stages, None, False), console=console, transient=as_json) as live:
-
-        def on_progress(stage: str) -> None:
-            stages.append(stage)
-            live.update(_progress_view(stages, stage, False))
-
+    with Live(_progress_view(None), console=console, transient=as_json) as live:
         try:
-            result = client.wait(request.request_id, timeout=timeout, on_progress=on_progress)
+            result = client.wait(
+                request.request_id, timeout=timeout, on_progress=lambda stage: live.update(_progress_view(stage))
+            )
         except (TimeoutError, RuntimeError) as exc:
             raise _fail(str(exc), 1) from None
-        if result.state is SessionState.ready:
-            stages.extend(s for s in ("session", "ready") if s not in stages)
-        live.update(_progress_view(stages, result.stage, result.state is SessionState.ready))
+        live.update(_progress_view(result.stage, result.state))
     _print_result(result, as_json)
     raise typer.Exit(0 if result.state is SessionState.ready else 1)
 
@@ -222,3 +221,10 @@ def main() -> None:
 
 
 # Sub-command groups live beside the code they drive; each registers itself here.
+from worker.credentials.cli import register as _register_credentials  # noqa: E402
+
+_register_credentials(app)
+
+from worker.ops_cli import register as _register_ops  # noqa: E402
+
+_register_ops(app)

@@ -13,7 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers.config import DaytonaConfig, DockerConfig, E2BConfig
 from worker import pins
-from worker.models import InstallMode
+from worker.credentials.settings import CredentialsSettings
+from worker.fleet import FleetConfig
+from worker.models import InstallMode, ProviderName
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -56,9 +58,15 @@ class Settings(BaseSettings):
 
     log_format: str = Field("auto", pattern=r"^(auto|json|console)$", description="Log renderer.")
 
+    providers: list[ProviderName] = Field(
+        default_factory=lambda: [ProviderName.docker], description="Providers the reaper sweeps (JSON list)."
+    )
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+
     docker: DockerConfig = Field(default_factory=DockerConfig)
     e2b: E2BConfig = Field(default_factory=E2BConfig)
     daytona: DaytonaConfig = Field(default_factory=DaytonaConfig)
+    credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
 
 
 @lru_cache(maxsize=1)

@@ -4,21 +4,31 @@
 
 Provider-agnostic: it sees providers only through :class:`providers.base.Provider`, credentials only
 through :class:`worker.credentials.broker.CredentialBroker`.
+
+Delivery is at least once and workers die anywhere, so the request_id owns one record and one lease
+(:mod:`worker.store`). The worker holding the lease brings the request up and renews the lease from a heartbeat
+thread; a duplicate waits for the result; a redelivery whose worker died takes the expired lease over and, in the
+claim stage, adopts the sandbox that worker left (found by label, its daemon answering with the token kept
+encrypted in the record) or removes it and starts again. The sandbox, daemon and session stages run under the
+fleet's shared limits (:mod:`worker.limits`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
+import httpx
+import redis
 import structlog
 from pydantic import SecretStr, ValidationError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from providers.base import (
     LABEL_CREATED_AT,
@@ -36,18 +46,23 @@ from worker.credentials.base import CredentialGrant
 from worker.credentials.broker import CredentialBroker
 from worker.environment import SessionEnvironment, build_environment
 from worker.errors import (
+    AgentError,
     Busy,
+    DaemonError,
     InvalidRequest,
+    SandboxGone,
     SandboxWorkerError,
     Terminated,
 )
+from worker.fleet import StageName
+from worker.limits import Limits
 from worker.models import ErrorInfo, ProviderName, SessionRequest, SessionResult, SessionState
 from worker.redaction import REDACTOR
-from worker.store import SessionRecord, Store
+from worker.store import SessionRecord, Store, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
-STAGES = ("claim", "credentials", "environment", "sandbox", "daemon", "session", "ready")
+STAGES: tuple[StageName, ...] = get_args(StageName)
 
 
 class ProgressHook(Protocol):
@@ -62,6 +77,16 @@ class RetryLater(Exception):
         super().__init__(error.message)
         self.error = error
         self.result = result
+
+
+class TooManyAttempts(SandboxWorkerError):
+    """The request has been attempted ``fleet.max_attempts`` times (retries, redeliveries, takeovers)."""
+
+    code = "too_many_attempts"
+
+
+class _LeaseLost(Exception):
+    """Our lease ran out mid-bring-up, so another worker may own the request now: stop and touch nothing."""
 
 
 def no_progress(stage: str, result: SessionResult) -> None:
@@ -99,6 +124,14 @@ def sandbox_labels(owner: str, request: SessionRequest, now: float) -> dict[str,
     }
 
 
+def _as_worker_error(exc: Exception) -> SandboxWorkerError:
+    if isinstance(exc, SandboxWorkerError):
+        return exc
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return StoreUnavailable(f"Redis unreachable: {type(exc).__name__}")
+    return SandboxWorkerError(f"{type(exc).__name__}: {exc}")
+
+
 @dataclass
 class _Attempt:
     """What one bring-up has created so far, for compensation."""
@@ -106,10 +139,13 @@ class _Attempt:
     record: SessionRecord
     provider: Provider | None = None
     sandbox: Sandbox | None = None
+    adopted: bool = False  # the sandbox and its running daemon come from a previous attempt
+    token: SecretStr | None = None
     grant: CredentialGrant | None = None
     acp: daemon.AcpConnection | None = None
     client: daemon.DaemonClient | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    lease_lost: threading.Event = field(default_factory=threading.Event)
 
 
 class Pipeline:
@@ -123,6 +159,7 @@ class Pipeline:
         progress: ProgressHook = no_progress,
         worker_id: str | None = None,
         stage_retries: int = 3,
+        limits: Limits | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -131,6 +168,7 @@ class Pipeline:
         self.progress = progress
         self.worker_id = worker_id or uuid.uuid4().hex
         self.stage_retries = stage_retries
+        self.limits = limits or Limits(store.redis, settings.fleet, settings.lease_seconds)
 
     # ---------------------------------------------------------------------------------------------------
     def create(self, payload: Any) -> SessionResult:
@@ -179,16 +217,23 @@ class Pipeline:
         )
 
     @contextlib.contextmanager
-    def _heartbeat(self, request_id: str) -> Iterator[None]:
-        """Renew the lease while we work, so a live bring-up is never taken over."""
+    def _heartbeat(self, request: SessionRequest, lost: threading.Event) -> Iterator[None]:
+        """Renew the lease and the bring-up slots while we work, so a live bring-up is never taken over and its
+        slots never freed. A lease found expired sets ``lost``: another worker may own the request now."""
         stop = threading.Event()
-        every = self.settings.lease_seconds / 3
+        seconds = self.settings.lease_seconds
 
         def beat() -> None:
-            while not stop.wait(every):
-                self.store.renew_lease(request_id, self.worker_id, self.settings.lease_seconds)
+            while not stop.wait(seconds / 3):
+                try:
+                    if not self.store.renew_lease(request.request_id, self.worker_id, seconds):
+                        lost.set()
+                        return
+                    self.limits.renew(request)
+                except Exception as exc:  # Redis away beyond its retries: keep beating while the lease may hold
+                    log.warning("heartbeat failed", error=type(exc).__name__)
 
-        thread = threading.Thread(target=beat, name=f"lease-{request_id}", daemon=True)
+        thread = threading.Thread(target=beat, name=f"lease-{request.request_id}", daemon=True)
         thread.start()
         try:
             yield
@@ -206,8 +251,11 @@ class Pipeline:
         attempt = _Attempt(record=record)
         structlog.contextvars.bind_contextvars(request_id=request.request_id, tenant_id=request.tenant_id)
         try:
-            with self._heartbeat(request.request_id):
+            with self._heartbeat(request, attempt.lease_lost):
                 return self._stages(request, attempt)
+        except _LeaseLost:
+            log.warning("lease lost mid-bring-up: leaving the request to the worker that took it over")
+            raise RetryLater(Busy("the lease on this request ran out during the bring-up"), record.result) from None
         except Exception as exc:  # every failure compensates; the classification decides what follows
             return self._fail(request, attempt, exc)
         finally:
@@ -219,12 +267,18 @@ class Pipeline:
                 REDACTOR.forget(attempt.grant.secret_values())
             structlog.contextvars.unbind_contextvars("request_id", "tenant_id")
 
-    def _stage(self, attempt: _Attempt, stage: str) -> contextlib.AbstractContextManager[None]:
+    def _checkpoint(self, attempt: _Attempt, stage: str) -> None:
+        """Stop here when our lease ran out or someone asked for the session to end."""
+        if attempt.lease_lost.is_set():
+            raise _LeaseLost
+        current = self.store.get(attempt.record.request.request_id)
+        if current is not None and current.terminate_requested:
+            raise Terminated("terminated while starting", stage=stage)
+
+    def _stage(self, attempt: _Attempt, stage: StageName) -> contextlib.AbstractContextManager[None]:
         @contextlib.contextmanager
         def timed() -> Iterator[None]:
-            current = self.store.get(attempt.record.request.request_id)
-            if current is not None and current.terminate_requested:
-                raise Terminated("terminated while starting", stage=stage)
+            self._checkpoint(attempt, stage)
             attempt.record.result.state = SessionState.starting
             attempt.record.result.stage = stage
             self.store.put(attempt.record)
@@ -232,6 +286,7 @@ class Pipeline:
             started = time.perf_counter()
             try:
                 yield
+                self._fault_pause(stage)
             except SandboxWorkerError as exc:
                 exc.stage = exc.stage or stage
                 raise
@@ -242,12 +297,25 @@ class Pipeline:
 
         return timed()
 
+    def _fault_pause(self, stage: StageName) -> None:
+        """The fault-injection hook (``fleet.fault_pause``): hold the stage, lease kept, for a crash drill."""
+        seconds = self.settings.fleet.fault_pause.get(stage)
+        if seconds:
+            log.warning("fault injection: pausing at the end of the stage", stage=stage, seconds=seconds)
+            time.sleep(seconds)
+
     def _retrying(self, fn: Callable[[], Any]) -> Any:
         """Retry transient errors within a stage: exponential backoff with jitter, bounded attempts."""
+
+        def note(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.info("transient error, retrying", error=getattr(error, "code", None), try_=state.attempt_number)
+
         for try_ in Retrying(
             retry=retry_if_exception(lambda e: isinstance(e, SandboxWorkerError) and e.transient),
             wait=wait_random_exponential(multiplier=0.5, max=8),
             stop=stop_after_attempt(self.stage_retries),
+            before_sleep=note,
             reraise=True,
         ):
             with try_:
@@ -259,7 +327,10 @@ class Pipeline:
         record = attempt.record
         with self._stage(attempt, "claim"):
             provider = attempt.provider = self.providers(request.provider)
-            self._remove_leftovers(provider, request)
+            if record.attempts > settings.fleet.max_attempts:
+                raise TooManyAttempts(f"gave up after {settings.fleet.max_attempts} attempts")
+            if record.attempts > 1:
+                self._adopt_or_remove(provider, request, attempt)
 
         with self._stage(attempt, "credentials"):
             grant = attempt.grant = self.credentials.grant(request)
@@ -268,26 +339,18 @@ class Pipeline:
         with self._stage(attempt, "environment"):
             environment: SessionEnvironment = build_environment(request, grant)
 
-        with self._stage(attempt, "sandbox"):
-            spec = SandboxSpec(
-                image=request.sandbox.image,
-                labels=sandbox_labels(settings.owner, request, time.time()),
-                env=environment.sandbox_env,
-                cpu=request.sandbox.cpu,
-                memory_mb=request.sandbox.memory_mb,
-                ttl_seconds=request.sandbox.ttl_seconds,
-                ports=(settings.daemon_port,),
-                idempotency_key=f"{request.request_id}-{record.attempts}",
-            )
-            sandbox = attempt.sandbox = self._retrying(lambda: provider.start(spec))
-            record.result.sandbox_id = sandbox.sandbox_id
-            self.store.put(record)
+        with contextlib.ExitStack() as slots:
+            with self._stage(attempt, "sandbox"):
+                deadline = time.monotonic() + settings.fleet.slot_wait_seconds
+                checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
+                slots.enter_context(self.limits.bring_up(request, deadline, checkpoint))
+                sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline)
 
-        with self._stage(attempt, "daemon"):
-            client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
+            with self._stage(attempt, "daemon"):
+                client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
-        with self._stage(attempt, "session"):
-            self._open_session(request, attempt, client)
+            with self._stage(attempt, "session"):
+                self._open_session(request, attempt, client)
 
         with self._stage(attempt, "ready"):
             record.result.state = SessionState.ready
@@ -295,6 +358,72 @@ class Pipeline:
         self.store.put(record)
         log.info("session ready", sandbox_id=sandbox.sandbox_id, timings_ms=attempt.timings)
         return record.result
+
+    def _adopt_or_remove(self, provider: Provider, request: SessionRequest, attempt: _Attempt) -> None:
+        """A previous attempt whose worker died may have left a sandbox: adopt it when its daemon answers with the
+        token in the record, remove it (and any other) otherwise."""
+        record = attempt.record
+        labels = {LABEL_OWNER: self.settings.owner, LABEL_REQUEST_ID: request.request_id}
+        found = self._retrying(lambda: provider.list_owned(labels))
+        token = self.store.token_of(record)
+        # The sandbox the record names comes first: the token belongs to it.
+        for sandbox in sorted(found, key=lambda s: s.sandbox_id != record.result.sandbox_id):
+            if attempt.sandbox is None and token is not None and self._daemon_answers(provider, sandbox, token):
+                log.info("adopting a previous attempt's sandbox", sandbox_id=sandbox.sandbox_id)
+                attempt.sandbox, attempt.token, attempt.adopted = sandbox, token, True
+            else:
+                log.info("removing a previous attempt's sandbox", sandbox_id=sandbox.sandbox_id)
+                provider.stop(sandbox.sandbox_id)
+        if not attempt.adopted:
+            record.daemon_token = None
+
+    def _daemon_answers(self, provider: Provider, sandbox: Sandbox, token: SecretStr) -> bool:
+        try:
+            endpoint = provider.endpoint(sandbox, self.settings.daemon_port)
+        except SandboxWorkerError:
+            return False
+        client = daemon.DaemonClient(endpoint, token, timeout=5)
+        try:
+            return client.health()
+        finally:
+            client.close()
+
+    def _acquire_sandbox(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        provider: Provider,
+        environment: SessionEnvironment,
+        deadline: float,
+    ) -> Sandbox:
+        """Stage 4, the sandbox the session runs in: the one adopted from a dead attempt, or a new one under the
+        provider's quota. A warm pool plugs in here, handing out a started sandbox instead of starting one."""
+        settings, record = self.settings, attempt.record
+        if attempt.sandbox is None:
+            labels = sandbox_labels(settings.owner, request, time.time())
+            checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
+            self.limits.reserve_sandbox(
+                request, until=float(labels[LABEL_EXPIRES_AT]), deadline=deadline, checkpoint=checkpoint
+            )
+            spec = SandboxSpec(
+                image=request.sandbox.image,
+                labels=labels,
+                env=environment.sandbox_env,
+                cpu=request.sandbox.cpu,
+                memory_mb=request.sandbox.memory_mb,
+                ttl_seconds=request.sandbox.ttl_seconds,
+                ports=(settings.daemon_port,),
+                idempotency_key=f"{request.request_id}-{record.attempts}",
+            )
+            attempt.sandbox = self._retrying(lambda: provider.start(spec))
+            record.expires_at = float(labels[LABEL_EXPIRES_AT])
+        else:
+            expires_at = attempt.sandbox.labels.get(LABEL_EXPIRES_AT)
+            record.expires_at = float(expires_at) if expires_at else None
+        assert attempt.sandbox is not None
+        record.result.sandbox_id = attempt.sandbox.sandbox_id
+        self.store.put(record)
+        return attempt.sandbox
 
     def _start_daemon(
         self,
@@ -306,23 +435,34 @@ class Pipeline:
         environment: SessionEnvironment,
     ) -> daemon.DaemonClient:
         settings, record = self.settings, attempt.record
-        token = daemon.new_token()
-        record.daemon_token = self.store.cipher.encrypt(token)
-        self.store.put(record)
-        daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
-        daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install)
-        for path, content in grant.files.items():
-            provider.upload(sandbox, f"/root/{path}", content.get_secret_value().encode(), mode=0o600)
-        daemon.start_daemon(
-            provider,
-            sandbox,
-            token=token,
-            port=settings.daemon_port,
-            cwd=request.session.cwd,
-            env=environment.daemon_env,
-        )
+        if not attempt.adopted:
+            attempt.token = daemon.new_token()
+            record.daemon_token = self.store.cipher.encrypt(attempt.token)
+            self.store.put(record)
+            self._retrying(
+                lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
+            )
+            self._retrying(
+                lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install)
+            )
+            for path, content in grant.files.items():
+                upload = functools.partial(
+                    provider.upload, sandbox, f"/root/{path}", content.get_secret_value().encode(), mode=0o600
+                )
+                self._retrying(upload)
+            start = functools.partial(
+                daemon.start_daemon,
+                provider,
+                sandbox,
+                token=attempt.token,
+                port=settings.daemon_port,
+                cwd=request.session.cwd,
+                env=environment.daemon_env,
+            )
+            self._retrying(start)
+        assert attempt.token is not None
         endpoint = self._retrying(lambda: provider.endpoint(sandbox, settings.daemon_port))
-        client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
+        client = attempt.client = daemon.DaemonClient(endpoint, attempt.token, timeout=settings.session_timeout)
         try:
             client.wait_healthy(settings.health_timeout)
         except SandboxWorkerError as exc:
@@ -330,12 +470,23 @@ class Pipeline:
             if tail:
                 exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
             raise
+        if attempt.adopted:
+            self._end_stale_agents(client)
         record.result.daemon_url = endpoint.url
         return client
 
+    @staticmethod
+    def _end_stale_agents(client: daemon.DaemonClient) -> None:
+        """The dead attempt's agent processes, one per ACP server: abort a DELETE of each, which ends the agent
+        (see worker.daemon), so a half-finished first turn does not run on beside the new session."""
+        for server in client.acp_servers():
+            with contextlib.suppress(httpx.TimeoutException, httpx.TransportError):
+                client.http.delete(f"/v1/acp/{server['serverId']}", timeout=2.0)
+            log.info("ended a previous attempt's agent", server_id=server["serverId"])
+
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record
-        server_id = f"sw-{request.request_id}"
+        server_id = f"sw-{request.request_id}-{record.attempts}"
         acp = attempt.acp = daemon.AcpConnection(client, server_id, request.agent.value)
         acp.initialize(timeout=settings.session_timeout)
         session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
@@ -348,22 +499,27 @@ class Pipeline:
         if request.session.prompt:
             record.result.reply = acp.prompt(session_id, request.session.prompt, timeout=settings.prompt_timeout)
 
-    def _remove_leftovers(self, provider: Provider, request: SessionRequest) -> None:
-        """A previous attempt that died may have left a sandbox: remove it before starting again."""
+    def _remove_sandboxes(self, provider: Provider, request: SessionRequest, known: str | None) -> int:
+        """Remove every sandbox of ``request`` (by label, plus ``known``) and free its live-sandbox slot."""
         labels = {LABEL_OWNER: self.settings.owner, LABEL_REQUEST_ID: request.request_id}
-        for sandbox in provider.list_owned(labels):
-            log.info("removing a previous attempt's sandbox", sandbox_id=sandbox.sandbox_id)
-            provider.stop(sandbox.sandbox_id)
+        ids = {s.sandbox_id for s in provider.list_owned(labels)}
+        if known:
+            ids.add(known)
+        for sandbox_id in ids:
+            provider.stop(sandbox_id)
+        self.limits.release_sandbox(request.provider, request.request_id)
+        return len(ids)
 
     # ---------------------------------------------------------------------------------------------------
     def _compensate(self, request: SessionRequest, attempt: _Attempt) -> None:
-        """Undo in reverse order; each step is best effort and logged, none masks the original error."""
+        """Undo in reverse order; each step is best effort and logged, none masks the original error. Sandboxes
+        are found by label too, so one a retried start created behind a failed call goes as well."""
         steps: list[tuple[str, Callable[[], Any]]] = []
         if attempt.acp is not None:
             steps.append(("detach from the session", attempt.acp.detach))
-        if attempt.sandbox is not None and attempt.provider is not None:
-            provider, sandbox_id = attempt.provider, attempt.sandbox.sandbox_id
-            steps.append(("stop sandbox", lambda: provider.stop(sandbox_id)))
+        if attempt.provider is not None:
+            provider, known = attempt.provider, attempt.sandbox.sandbox_id if attempt.sandbox else None
+            steps.append(("remove sandboxes", lambda: self._remove_sandboxes(provider, request, known)))
         if attempt.grant is not None:
             steps.append(("release credentials", lambda: self.credentials.release(request)))
         for name, step in steps:
@@ -373,10 +529,34 @@ class Pipeline:
                 log.warning("compensation step failed", step=name, error=type(exc).__name__)
         attempt.acp = None
 
+    @staticmethod
+    def _diagnose(attempt: _Attempt, error: SandboxWorkerError) -> SandboxWorkerError:
+        """A daemon that stops answering may mean its sandbox is gone (removed, expired): that is permanent,
+        and worth saying plainly rather than retrying."""
+        if not isinstance(error, (DaemonError, AgentError)) or attempt.sandbox is None or attempt.provider is None:
+            return error
+        try:
+            # The daemon can drop its connections a moment before the provider reports the sandbox gone.
+            for delay in (0.0, 1.0):
+                time.sleep(delay)
+                if attempt.provider.find(attempt.sandbox.sandbox_id) is None:
+                    break
+            else:
+                return error
+        except SandboxWorkerError:
+            return error
+        gone = SandboxGone(
+            f"the sandbox disappeared during the bring-up ({error.message})",
+            provider=attempt.sandbox.provider,
+            sandbox_id=attempt.sandbox.sandbox_id,
+        )
+        gone.stage = error.stage
+        return gone
+
     def _fail(self, request: SessionRequest, attempt: _Attempt, exc: Exception) -> SessionResult:
         record = attempt.record
+        error = self._diagnose(attempt, _as_worker_error(exc))
         self._compensate(request, attempt)
-        error = exc if isinstance(exc, SandboxWorkerError) else SandboxWorkerError(f"{type(exc).__name__}: {exc}")
         stage = error.stage or record.result.stage
         message = REDACTOR.redact(error.message)
         record.result.sandbox_id = None
@@ -385,7 +565,7 @@ class Pipeline:
         record.result.error = ErrorInfo(code=error.code, stage=stage, message=message, field=error.field)
         if isinstance(error, Terminated):
             record.result.state = SessionState.terminated
-        elif error.transient:
+        elif error.transient and record.attempts < self.settings.fleet.max_attempts:
             record.result.state = SessionState.queued
             self.store.put(record)
             log.warning("transient failure, will retry", stage=stage, code=error.code, error=message)
@@ -430,21 +610,15 @@ class Pipeline:
 
     def _teardown(self, record: SessionRecord) -> None:
         request = record.request
-        provider = self.providers(request.provider)
         # Removing the sandbox ends the daemon and its agents with it; no ACP close is needed first.
-        labels = {LABEL_OWNER: self.settings.owner, LABEL_REQUEST_ID: request.request_id}
-        ids = {s.sandbox_id for s in provider.list_owned(labels)}
-        if record.result.sandbox_id:
-            ids.add(record.result.sandbox_id)
-        for sandbox_id in ids:
-            provider.stop(sandbox_id)
+        removed = self._remove_sandboxes(self.providers(request.provider), request, record.result.sandbox_id)
         with contextlib.suppress(SandboxWorkerError):
             self.credentials.release(request)
         record.result.state = SessionState.terminated
         record.result.stage = "terminated"
         record.daemon_token = None
         self.store.put(record)
-        log.info("session terminated", request_id=request.request_id, sandboxes=len(ids))
+        log.info("session terminated", request_id=request.request_id, sandboxes=removed)
 
 
 def token_for(store: Store, request_id: str) -> SecretStr | None:

@@ -4,7 +4,12 @@ Keys (prefix ``sw:``):
 
 * ``sw:session:<request_id>`` — the :class:`SessionRecord` as JSON (request, result, encrypted daemon token).
 * ``sw:lease:<request_id>`` — the id of the worker bringing the request up; expires unless renewed.
-* ``sw:sessions`` — sorted set of request ids by last update, for listing and the reaper.
+* ``sw:sessions`` — sorted set of request ids by last update, for listing.
+* ``sw:active`` — sorted set of the unfinished (queued, starting) request ids by last update: the reaper's view of
+  bring-ups that may have lost their worker.
+* ``sw:live`` — sorted set of the request ids not failed or terminated, by expiry (sandbox ttl): the reaper
+  terminates those past it.
+* ``sw:once:<name>`` — a marker that something happened recently (:meth:`Store.claim_once`).
 
 Secret values are stored only Fernet-encrypted; without a key the worker refuses to store them.
 """
@@ -17,9 +22,11 @@ from collections.abc import Iterator
 import redis
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, SecretStr
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from worker.config import Settings
-from worker.errors import ConfigurationError
+from worker.errors import ConfigurationError, SandboxWorkerError
 from worker.models import SessionRequest, SessionResult, SessionState
 
 PREFIX = "sw:"
@@ -27,6 +34,18 @@ PREFIX = "sw:"
 # Renew or release a lease only if we still hold it (compare-and-set on the holder's id).
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+# A Redis restart or failover is ridden out command by command: up to about 30 s of reconnecting with backoff.
+_RETRY = Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), retries=20)
+_UNFINISHED = (SessionState.queued, SessionState.starting)
+_OVER = (SessionState.failed, SessionState.terminated)
+
+
+class StoreUnavailable(SandboxWorkerError):
+    """Redis stayed unreachable through the client's reconnect attempts: an infrastructure failure."""
+
+    code = "store_unavailable"
+    transient = True
 
 
 class SessionRecord(BaseModel):
@@ -40,6 +59,12 @@ class SessionRecord(BaseModel):
     attempts: int = 0
     terminate_requested: bool = False
     created_at: float
+    expires_at: float | None = None  # the sandbox's expiry once one exists
+
+    @property
+    def deadline(self) -> float:
+        """When the session ends by its ttl: the sandbox's expiry, or the request's ttl counted from its creation."""
+        return self.expires_at or self.created_at + self.request.sandbox.ttl_seconds
 
     def __repr__(self) -> str:
         return f"SessionRecord(request_id={self.request.request_id!r}, state={self.result.state.value!r})"
@@ -79,7 +104,13 @@ class Store:
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
         client = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=10, health_check_interval=30
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            retry=_RETRY,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         return cls(client, Cipher(settings.fernet_key))
 
@@ -94,7 +125,20 @@ class Store:
         pipe = self.redis.pipeline()
         pipe.set(f"{PREFIX}session:{request_id}", record.model_dump_json())
         pipe.zadd(f"{PREFIX}sessions", {request_id: record.result.updated_at})
+        self._index(pipe, record)
         pipe.execute()
+
+    @staticmethod
+    def _index(pipe: redis.client.Pipeline, record: SessionRecord) -> None:
+        request_id, state = record.request.request_id, record.result.state
+        if state in _UNFINISHED:
+            pipe.zadd(f"{PREFIX}active", {request_id: record.result.updated_at})
+        else:
+            pipe.zrem(f"{PREFIX}active", request_id)
+        if state in _OVER:
+            pipe.zrem(f"{PREFIX}live", request_id)
+        else:
+            pipe.zadd(f"{PREFIX}live", {request_id: record.deadline})
 
     def create(self, request: SessionRequest) -> SessionRecord:
         """The record for ``request``, created queued if it does not exist yet (SET NX: one winner)."""
@@ -111,7 +155,10 @@ class Store:
         )
         key = f"{PREFIX}session:{request.request_id}"
         if self.redis.set(key, record.model_dump_json(), nx=True):
-            self.redis.zadd(f"{PREFIX}sessions", {request.request_id: record.created_at})
+            pipe = self.redis.pipeline()
+            pipe.zadd(f"{PREFIX}sessions", {request.request_id: record.created_at})
+            self._index(pipe, record)
+            pipe.execute()
             return record
         existing = self.get(request.request_id)
         assert existing is not None
@@ -121,9 +168,20 @@ class Store:
         for member, _score in self.redis.zscan_iter(f"{PREFIX}sessions"):
             yield str(member)
 
+    def stalled(self, idle_since: float) -> list[str]:
+        """Unfinished requests whose record has not changed since the epoch time ``idle_since``."""
+        return [str(m) for m in self.redis.zrangebyscore(f"{PREFIX}active", "-inf", idle_since)]
+
+    def expired(self, now: float) -> list[str]:
+        """Requests not failed or terminated whose ttl has run out by ``now``."""
+        return [str(m) for m in self.redis.zrangebyscore(f"{PREFIX}live", "-inf", now)]
+
     def delete(self, request_id: str) -> None:
-        self.redis.delete(f"{PREFIX}session:{request_id}")
-        self.redis.zrem(f"{PREFIX}sessions", request_id)
+        pipe = self.redis.pipeline()
+        pipe.delete(f"{PREFIX}session:{request_id}")
+        for index in ("sessions", "active", "live"):
+            pipe.zrem(f"{PREFIX}{index}", request_id)
+        pipe.execute()
 
     def token_of(self, record: SessionRecord) -> SecretStr | None:
         return self.cipher.decrypt(record.daemon_token) if record.daemon_token else None
@@ -141,3 +199,7 @@ class Store:
     def lease_holder(self, request_id: str) -> str | None:
         holder = self.redis.get(f"{PREFIX}lease:{request_id}")
         return str(holder) if holder is not None else None
+
+    def claim_once(self, name: str, seconds: float) -> bool:
+        """True for the first caller in ``seconds`` across all workers (a periodic job's single leader per tick)."""
+        return bool(self.redis.set(f"{PREFIX}once:{name}", "1", nx=True, px=max(1, int(seconds * 1000))))

@@ -1,0 +1,228 @@
+"""Shared limits: counting semaphores in Redis whose slots are leases, so a cap holds across every worker and a
+holder that dies frees its slot when its lease runs out.
+
+A caller that finds no free slot takes a ticket and waits in line; slots go to the oldest tickets first. A waiter
+keeps its place only while it keeps polling, so a waiter that died stops blocking the line within seconds. All
+times come from the Redis server's clock, never from a worker's.
+
+Keys for a semaphore ``<name>`` (hash-tagged, so a Redis Cluster keeps them in one slot):
+
+* ``sw:sem:{<name>}:holders`` — zset, holder → lease expiry (ms)
+* ``sw:sem:{<name>}:line`` — zset, waiter → ticket number
+* ``sw:sem:{<name>}:alive`` — zset, waiter → expiry of its place in line (ms)
+* ``sw:sem:{<name>}:tickets`` — the ticket counter
+* ``sw:sem:{<name>}:peak`` — the most holders ever seen at once: the record that shows a cap held
+
+The pipeline's semaphores, for one request:
+
+* ``tenant:<tenant_id>`` then ``provider:<provider>`` — bring-ups in progress (sandbox, daemon and session
+  stages); the holder is the request id, its lease renewed by the pipeline's heartbeat.
+* ``sandboxes:<provider>`` — live sandboxes (a provider quota); held from the sandbox stage until the session is
+  torn down, with a lease that runs to the sandbox's expiry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+import structlog
+
+from worker.errors import SandboxWorkerError
+from worker.fleet import FleetConfig
+from worker.models import ProviderName, SessionRequest
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "sw:sem:"
+WAITER_TTL_MS = 5_000  # a waiter that has not polled for this long loses its place in line
+POLL_SECONDS = 0.2  # mean pause between two polls of a waiter (jittered)
+
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+
+# KEYS: holders, line, alive, tickets, peak. ARGV: holder, limit, lease_ms. Returns 1 when the slot is held.
+_ACQUIRE = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do redis.call('ZREM', KEYS[2], gone) end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local holder, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('ZSCORE', KEYS[1], holder) then
+  redis.call('ZADD', KEYS[1], now + lease, holder)
+  return 1
+end
+if not redis.call('ZSCORE', KEYS[2], holder) then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), holder)
+end
+local free = limit - redis.call('ZCARD', KEYS[1])
+if free > 0 and redis.call('ZRANK', KEYS[2], holder) < free then
+  redis.call('ZREM', KEYS[2], holder)
+  redis.call('ZREM', KEYS[3], holder)
+  redis.call('ZADD', KEYS[1], now + lease, holder)
+  local held = redis.call('ZCARD', KEYS[1])
+  if held > tonumber(redis.call('GET', KEYS[5]) or '0') then redis.call('SET', KEYS[5], held) end
+  return 1
+end
+redis.call('ZADD', KEYS[3], now + """
+    + str(WAITER_TTL_MS)
+    + """, holder)
+return 0
+"""
+)
+# KEYS: holders. ARGV: holder, lease_ms. Extends a lease that has not run out yet; returns 0 when it has.
+_RENEW = (
+    _NOW
+    + """
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if expiry and tonumber(expiry) > now then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  return 1
+end
+return 0
+"""
+)
+
+
+class CapacityTimeout(SandboxWorkerError):
+    """A request waited its whole allowance for a slot under a cap or quota."""
+
+    code = "capacity_timeout"
+
+
+class Semaphore:
+    """A counting semaphore of ``limit`` slots named ``name``, shared by every client of one Redis."""
+
+    def __init__(self, client: redis.Redis, name: str, limit: int) -> None:
+        self.redis = client
+        self.name = name
+        self.limit = limit
+        base = f"{PREFIX}{{{name}}}:"
+        self._holders, self._line, self._alive = f"{base}holders", f"{base}line", f"{base}alive"
+        self._keys = [self._holders, self._line, self._alive, f"{base}tickets", f"{base}peak"]
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+
+    def __repr__(self) -> str:
+        return f"Semaphore({self.name!r}, limit={self.limit})"
+
+    def try_acquire(self, holder: str, lease_seconds: float) -> bool:
+        """Take a slot if one is free for us (first in line); otherwise take or keep our place in line."""
+        return bool(self._acquire(keys=self._keys, args=[holder, self.limit, int(lease_seconds * 1000)]))
+
+    def acquire(
+        self,
+        holder: str,
+        *,
+        lease_seconds: float,
+        deadline: float,
+        checkpoint: Callable[[], None] = lambda: None,
+    ) -> float:
+        """Wait in line for a slot until ``deadline`` (``time.monotonic()``); returns the seconds waited.
+        ``checkpoint`` runs between polls and may raise to give up (the place in line is then left)."""
+        started = time.monotonic()
+        try:
+            while not self.try_acquire(holder, lease_seconds):
+                if time.monotonic() >= deadline:
+                    raise CapacityTimeout(
+                        f"no {self.name} slot (cap {self.limit}) came free within "
+                        f"{time.monotonic() - started:.0f}s of waiting"
+                    )
+                checkpoint()
+                time.sleep(random.uniform(POLL_SECONDS / 2, POLL_SECONDS * 1.5))  # noqa: S311 - jitter, not crypto
+        except BaseException:
+            self.leave_line(holder)
+            raise
+        return time.monotonic() - started
+
+    def renew(self, holder: str, lease_seconds: float) -> bool:
+        """Extend ``holder``'s lease; False when it had already run out (the slot may be someone else's now)."""
+        return bool(self._renew(keys=[self._holders], args=[holder, int(lease_seconds * 1000)]))
+
+    def release(self, holder: str) -> None:
+        pipe = self.redis.pipeline()
+        for key in (self._holders, self._line, self._alive):
+            pipe.zrem(key, holder)
+        pipe.execute()
+
+    def leave_line(self, holder: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.zrem(self._line, holder)
+        pipe.zrem(self._alive, holder)
+        pipe.execute()
+
+    def holders(self) -> list[str]:
+        """Current holders whose lease has not run out (by this machine's clock)."""
+        now_ms = time.time() * 1000
+        return [str(m) for m in self.redis.zrangebyscore(self._holders, now_ms, "+inf")]
+
+    def waiting(self) -> int:
+        return int(self.redis.zcard(self._line))
+
+    def peak(self) -> int:
+        """The most holders ever seen at once (never decreases; delete the key to start a new record)."""
+        return int(self.redis.get(self._keys[4]) or 0)
+
+
+class Limits:
+    """The fleet's caps and quotas for session bring-ups, built from :class:`worker.fleet.FleetConfig`."""
+
+    def __init__(self, client: redis.Redis, config: FleetConfig, lease_seconds: float) -> None:
+        self.redis = client
+        self.config = config
+        self.lease_seconds = lease_seconds
+
+    def _bring_up_semaphores(self, request: SessionRequest) -> list[Semaphore]:
+        """Tenant first, then provider: a request queues for a provider slot only once its tenant allows it,
+        so one tenant at its cap never holds up the others' line."""
+        semaphores = []
+        tenant_cap = self.config.tenant_concurrency_overrides.get(request.tenant_id, self.config.tenant_concurrency)
+        if tenant_cap is not None:
+            semaphores.append(Semaphore(self.redis, f"tenant:{request.tenant_id}", tenant_cap))
+        provider_cap = self.config.provider_concurrency.get(request.provider)
+        if provider_cap is not None:
+            semaphores.append(Semaphore(self.redis, f"provider:{request.provider.value}", provider_cap))
+        return semaphores
+
+    def _quota(self, provider: ProviderName) -> Semaphore | None:
+        quota = self.config.provider_sandboxes.get(provider)
+        return Semaphore(self.redis, f"sandboxes:{provider.value}", quota) if quota is not None else None
+
+    @contextlib.contextmanager
+    def bring_up(
+        self, request: SessionRequest, deadline: float, checkpoint: Callable[[], None] = lambda: None
+    ) -> Iterator[None]:
+        """Hold a bring-up slot under every cap that applies to ``request`` for the duration of the block."""
+        with contextlib.ExitStack() as held:
+            for semaphore in self._bring_up_semaphores(request):
+                waited = semaphore.acquire(
+                    request.request_id, lease_seconds=self.lease_seconds, deadline=deadline, checkpoint=checkpoint
+                )
+                held.callback(semaphore.release, request.request_id)
+                if waited >= POLL_SECONDS:
+                    log.info("slot acquired", semaphore=semaphore.name, waited_ms=round(waited * 1000))
+            yield
+
+    def renew(self, request: SessionRequest) -> None:
+        """Extend the bring-up slots ``request`` holds (a heartbeat); a lost one is logged."""
+        for semaphore in self._bring_up_semaphores(request):
+            if not semaphore.renew(request.request_id, self.lease_seconds):
+                log.debug("no bring-up slot to renew", semaphore=semaphore.name)
+
+    def reserve_sandbox(
+        self, request: SessionRequest, *, until: float, deadline: float, checkpoint: Callable[[], None] = lambda: None
+    ) -> None:
+        """Hold a live-sandbox slot of the provider's quota until the epoch time ``until`` (the sandbox's expiry),
+        or until :meth:`release_sandbox`."""
+        quota = self._quota(request.provider)
+        if quota is not None:
+            lease = max(until - time.time(), self.lease_seconds)
+            quota.acquire(request.request_id, lease_seconds=lease, deadline=deadline, checkpoint=checkpoint)
+
+    def release_sandbox(self, provider: ProviderName, request_id: str) -> None:
+        quota = self._quota(provider)
+        if quota is not None:
+            quota.release(request_id)

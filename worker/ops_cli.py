@@ -1,0 +1,126 @@
+"""Fleet operations on the ``sandbox-worker`` command: ``reap``, ``batch run FILE`` and ``batch status RUN_ID``.
+
+Registered by :mod:`worker.cli`; Redis and Celery are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from worker.batches import BatchRun
+
+console = Console(stderr=True)
+batch_app = typer.Typer(no_args_is_help=True, help="Batches of sessions from YAML files (docs/operations.md).")
+_STATE_COLOURS = {"ready": "green", "failed": "red", "terminated": "magenta", "starting": "yellow"}
+
+
+def _log_to_stderr() -> None:
+    """The commands below run pipeline and batch code, which logs: keep it off stdout (--json)."""
+    from worker.config import get_settings
+    from worker.logs import configure_logging
+
+    configure_logging(get_settings().log_format)
+
+
+def reap(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be done.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the actions as JSON on stdout.")] = False,
+) -> None:
+    """Remove orphaned sandboxes, terminate sessions past their ttl, requeue requests whose worker died."""
+    from tasks.maintenance import enqueue
+    from worker.reaper import build_reaper
+
+    _log_to_stderr()
+    items = build_reaper(enqueue).run(dry_run=dry_run)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(item) for item in items], indent=2))
+        return
+    table = Table(title="would do" if dry_run else "done", title_justify="left")
+    for column in ("action", "request_id", "sandbox", "reason", "done"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        sandbox = f"{item.provider}:{item.sandbox_id[:12]}" if item.sandbox_id else ""
+        table.add_row(item.action, item.request_id, sandbox, item.reason, "yes" if item.done else "no")
+    console.print(table if items else "nothing to reap")
+
+
+def _run_view(run: BatchRun) -> Group:
+    ended = sum(n for state, n in run.counts.items() if state in ("ready", "failed", "terminated"))
+    now = run.finished_at or time.time()
+    header = (
+        f"[bold]{run.run_id}[/bold]  {run.state.value}  {ended}/{len(run.requests)} ended  "
+        f"{now - run.started_at:.0f}s elapsed, deadline in {max(run.deadline_at - now, 0):.0f}s"
+    )
+    counts = Table(show_header=False, box=None)
+    counts.add_row("progress", ProgressBar(total=len(run.requests), completed=ended, width=40))
+    for state, count in sorted(run.counts.items()):
+        counts.add_row(f"[{_STATE_COLOURS.get(state, 'white')}]{state}[/]", str(count))
+    for name, ms in run.durations_ms.items():
+        counts.add_row(f"[dim]{name} ms[/dim]", f"{ms:.0f}")
+    return Group(header, counts)
+
+
+def _print_run(run: BatchRun, as_json: bool) -> None:
+    if as_json:
+        typer.echo(run.model_dump_json(indent=2, exclude={"requests"}))
+    else:
+        console.print(_run_view(run))
+
+
+@batch_app.command("run")
+def batch_run(
+    file: Annotated[Path, typer.Argument(help="Batch file (YAML).", exists=True, dir_okay=False)],
+    wait: Annotated[bool, typer.Option(help="Follow the run to its end, with live progress.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
+) -> None:
+    """Start a run of FILE now (its schedule aside) and follow it; exits 0 when every session is ready."""
+    from tasks.batches import batches
+    from worker.batches import load_batch, manual_run_id
+
+    _log_to_stderr()
+    spec = load_batch(file)
+    runs = batches()
+    run = runs.start(spec, str(file), manual_run_id(spec.name, time.time()))
+    assert run is not None  # a manual run id is new
+    if not wait:
+        typer.echo(run.run_id)
+        return
+    with Live(_run_view(run), console=console, transient=as_json) as live:
+        while run.finished_at is None:
+            time.sleep(1)
+            run = runs.advance(run.run_id)
+            live.update(_run_view(run))
+    if as_json:
+        _print_run(run, as_json)
+    raise typer.Exit(0 if run.counts.get("ready", 0) == len(run.requests) else 1)
+
+
+@batch_app.command("status")
+def batch_status(
+    run_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
+) -> None:
+    """Show a batch run: counts by state, durations, deadline."""
+    from tasks.batches import batches
+
+    run = batches().get(run_id)
+    if run is None:
+        console.print(f"[red]error:[/red] no batch run {run_id}")
+        raise typer.Exit(1)
+    _print_run(run, as_json)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(reap)
+    app.add_typer(batch_app, name="batch")

@@ -1,0 +1,172 @@
+"""The reaper: finds what crashed workers, lost messages and expired sessions left behind, and deals with it.
+
+Provider-agnostic. One pass (:meth:`Reaper.run`):
+
+1. **Sandboxes**, on every configured provider (``settings.providers``): those carrying our owner label. A sandbox
+   is left alone when it has no request label (we cannot prove whose it is) or its request has a live lease (a
+   bring-up is working on it). Otherwise it is
+
+   * removed when its record is failed or terminated, when its record is missing and it is older than the grace
+     period, or when its record is ready with another sandbox (a stray from an earlier attempt);
+   * terminated through the pipeline (its session with it) when it is past its ttl.
+
+2. **Records**: a request past its ttl that is not failed or terminated is terminated through the pipeline; an
+   unfinished request without a live lease whose record has not changed for the grace period lost its worker and
+   its message (a whole worker died: the broker only redelivers after the visibility timeout), so it is sent
+   again, at most once per grace period. The pipeline adopts or removes what the dead attempt left.
+
+Every action is idempotent; a dry run reports what it would do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+
+from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, LABEL_REQUEST_ID, Provider, Sandbox
+from worker.config import Settings
+from worker.errors import SandboxWorkerError
+from worker.limits import Limits
+from worker.models import ProviderName, SessionRequest, SessionState
+from worker.store import SessionRecord, Store
+
+log = structlog.get_logger(__name__)
+
+Action = Literal["remove", "terminate", "requeue"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    """One thing the reaper did (or, in a dry run, would do)."""
+
+    action: Action
+    reason: str
+    request_id: str
+    provider: str | None = None
+    sandbox_id: str | None = None
+    done: bool = False
+
+
+def _label_time(sandbox: Sandbox, label: str) -> float | None:
+    try:
+        return float(sandbox.labels[label])
+    except (KeyError, ValueError):
+        return None
+
+
+@dataclass
+class Reaper:
+    settings: Settings
+    store: Store
+    providers: Callable[[ProviderName], Provider]
+    terminate: Callable[[str], Any]  # the pipeline's terminate
+    requeue: Callable[[SessionRequest], None]  # back on the request's provider queue
+    limits: Limits
+
+    def run(self, *, dry_run: bool = False) -> list[Reaped]:
+        now = time.time()
+        plan: list[Reaped] = []
+        for name in self.settings.providers:
+            try:
+                sandboxes = self.providers(name).list_owned({LABEL_OWNER: self.settings.owner})
+            except SandboxWorkerError as exc:
+                log.warning("reaper cannot list sandboxes", provider=name.value, error=exc.message)
+                continue
+            plan += [verdict for sandbox in sandboxes if (verdict := self._judge_sandbox(sandbox, now))]
+        plan += self._judge_records(now, {r.request_id for r in plan if r.action == "terminate"})
+        if dry_run:
+            return plan
+        return [self._apply(item) for item in plan]
+
+    # -- deciding ---------------------------------------------------------------------------------------
+    def _judge_sandbox(self, sandbox: Sandbox, now: float) -> Reaped | None:
+        request_id = sandbox.labels.get(LABEL_REQUEST_ID)
+        if sandbox.labels.get(LABEL_OWNER) != self.settings.owner or not request_id:
+            return None  # not provably ours
+        if self.store.lease_holder(request_id) is not None:
+            return None  # a bring-up is working on it
+        verdict = self._sandbox_verdict(sandbox, self.store.get(request_id), now)
+        if verdict is None:
+            return None
+        return Reaped(verdict[0], verdict[1], request_id, sandbox.provider, sandbox.sandbox_id)
+
+    def _sandbox_verdict(self, sandbox: Sandbox, record: SessionRecord | None, now: float) -> tuple[Action, str] | None:
+        """What to do with an owned sandbox no bring-up is working on, given its request's record."""
+        if record is None:
+            created = _label_time(sandbox, LABEL_CREATED_AT)
+            past_grace = created is not None and now - created > self.settings.fleet.reap_grace_seconds
+            return ("remove", "no record") if past_grace else None
+        state = record.result.state
+        expires = _label_time(sandbox, LABEL_EXPIRES_AT)
+        if state in (SessionState.failed, SessionState.terminated):
+            return "remove", f"request {state.value}"
+        if expires is not None and expires <= now:
+            return "terminate", "past its ttl"
+        if state is SessionState.ready and record.result.sandbox_id != sandbox.sandbox_id:
+            return "remove", "not the ready session's sandbox"
+        return None
+
+    def _judge_records(self, now: float, terminating: set[str]) -> list[Reaped]:
+        plan: list[Reaped] = []
+        for request_id in self.store.expired(now):
+            record = self._unleased(request_id)
+            if record is not None and request_id not in terminating:
+                plan.append(Reaped("terminate", "past its ttl", request_id, record.request.provider.value))
+                terminating.add(request_id)
+        for request_id in self.store.stalled(now - self.settings.fleet.reap_grace_seconds):
+            record = self._unleased(request_id)
+            if record is not None and not record.result.state.terminal and request_id not in terminating:
+                idle = now - record.result.updated_at
+                plan.append(Reaped("requeue", f"no worker for {idle:.0f}s", request_id, record.request.provider.value))
+        return plan
+
+    def _unleased(self, request_id: str) -> SessionRecord | None:
+        """The record of ``request_id`` when no bring-up holds its lease."""
+        if self.store.lease_holder(request_id) is not None:
+            return None
+        return self.store.get(request_id)
+
+    # -- acting -----------------------------------------------------------------------------------------
+    def _apply(self, item: Reaped) -> Reaped:
+        try:
+            done = self._act(item)
+        except Exception as exc:  # one stubborn sandbox must not stop the pass
+            reason = exc.message if isinstance(exc, SandboxWorkerError) else type(exc).__name__
+            log.warning("reaper action failed", action=item.action, request_id=item.request_id, error=reason)
+            return item
+        if done:
+            log.info("reaped", action=item.action, reason=item.reason, request_id=item.request_id)
+        return Reaped(item.action, item.reason, item.request_id, item.provider, item.sandbox_id, done)
+
+    def _act(self, item: Reaped) -> bool:
+        if self.store.lease_holder(item.request_id) is not None:
+            return False  # a bring-up started since we looked
+        if item.action == "terminate":
+            self.terminate(item.request_id)
+            return True
+        record = self.store.get(item.request_id)
+        if item.action == "requeue":
+            if record is None or not self.store.claim_once(
+                f"requeue:{item.request_id}", self.settings.fleet.reap_grace_seconds
+            ):
+                return False
+            self.requeue(record.request)
+            return True
+        assert item.provider is not None and item.sandbox_id is not None
+        removed = self.providers(ProviderName(item.provider)).stop(item.sandbox_id)
+        if record is None or record.result.state is not SessionState.ready:  # a stray holds no slot of its own
+            self.limits.release_sandbox(ProviderName(item.provider), item.request_id)
+        return removed
+
+
+def build_reaper(requeue: Callable[[SessionRequest], None]) -> Reaper:
+    """The reaper of this process, wired to its runtime objects; ``requeue`` sends a request back to the queue."""
+    from worker import runtime
+    from worker.config import get_settings
+
+    pipeline = runtime.pipeline()
+    return Reaper(get_settings(), runtime.store(), runtime.provider, pipeline.terminate, requeue, pipeline.limits)

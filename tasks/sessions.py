@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from worker import runtime
-from worker.celery_app import app
+from worker.celery_app import RETRY_COUNTDOWN_MAX, app
 from worker.errors import InvalidRequest
 from worker.models import ErrorInfo, SessionResult, SessionState
 from worker.pipeline import RetryLater
@@ -16,7 +16,7 @@ MAX_RETRIES = 5
 
 
 def _backoff(retries: int) -> int:
-    return int(min(60, 2 ** (retries + 1)))
+    return int(min(RETRY_COUNTDOWN_MAX, 2 ** (retries + 1)))
 
 
 @app.task(bind=True, name="sessions.create", max_retries=MAX_RETRIES)

@@ -13,8 +13,9 @@ import redis as redis_lib
 
 from tests.conftest import wait_for
 from tests.fleet import Fleet, fleet_fixture  # noqa: F401 - the fixture
+from worker.errors import CapacityTimeout
 from worker.fleet import FleetConfig
-from worker.limits import WAITER_TTL_MS, CapacityTimeout, Limits, Semaphore
+from worker.limits import WAITER_TTL_MS, Limits, Semaphore
 from worker.models import SessionRequest, SessionState
 from worker.pipeline import Pipeline
 

@@ -16,6 +16,9 @@ whether to retry, and the result can name a stable ``code``::
     │   ├── DaemonUnhealthy            daemon_unhealthy  no
     │   └── DaemonUnreachable          daemon_unreachable yes
     ├── AgentError                     agent_error       no
+    ├── CapacityTimeout                capacity_timeout  no   (waited its whole allowance for a slot)
+    ├── TooManyAttempts                too_many_attempts no   (retries, redeliveries and takeovers, together)
+    ├── StoreUnavailable               store_unavailable yes  (Redis unreachable through reconnects)
     ├── Busy                           busy              yes  (another worker holds the request)
     └── Terminated                     terminated        no
 
@@ -127,6 +130,25 @@ class AgentError(SandboxWorkerError):
     """The agent behind the daemon failed (install, crash, JSON-RPC error)."""
 
     code = "agent_error"
+
+
+class CapacityTimeout(SandboxWorkerError):
+    """A request waited its whole allowance for a slot under a cap or quota."""
+
+    code = "capacity_timeout"
+
+
+class TooManyAttempts(SandboxWorkerError):
+    """The request has been attempted ``fleet.max_attempts`` times (retries, redeliveries, takeovers)."""
+
+    code = "too_many_attempts"
+
+
+class StoreUnavailable(SandboxWorkerError):
+    """Redis stayed unreachable through the client's reconnect attempts: an infrastructure failure."""
+
+    code = "store_unavailable"
+    transient = True
 
 
 class Busy(SandboxWorkerError):

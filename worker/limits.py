@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import redis
 import structlog
 
-from worker.errors import SandboxWorkerError
+from worker.errors import CapacityTimeout
 from worker.fleet import FleetConfig
 from worker.models import ProviderName, SessionRequest
 
@@ -85,12 +85,6 @@ end
 return 0
 """
 )
-
-
-class CapacityTimeout(SandboxWorkerError):
-    """A request waited its whole allowance for a slot under a cap or quota."""
-
-    code = "capacity_timeout"
 
 
 class Semaphore:

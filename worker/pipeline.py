@@ -52,13 +52,15 @@ from worker.errors import (
     InvalidRequest,
     SandboxGone,
     SandboxWorkerError,
+    StoreUnavailable,
     Terminated,
+    TooManyAttempts,
 )
 from worker.fleet import StageName
 from worker.limits import Limits
 from worker.models import ErrorInfo, ProviderName, SessionRequest, SessionResult, SessionState
 from worker.redaction import REDACTOR
-from worker.store import SessionRecord, Store, StoreUnavailable
+from worker.store import SessionRecord, Store
 
 log = structlog.get_logger(__name__)
 
@@ -77,12 +79,6 @@ class RetryLater(Exception):
         super().__init__(error.message)
         self.error = error
         self.result = result
-
-
-class TooManyAttempts(SandboxWorkerError):
-    """The request has been attempted ``fleet.max_attempts`` times (retries, redeliveries, takeovers)."""
-
-    code = "too_many_attempts"
 
 
 class _LeaseLost(Exception):

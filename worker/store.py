@@ -26,7 +26,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from worker.config import Settings
-from worker.errors import ConfigurationError, SandboxWorkerError
+from worker.errors import ConfigurationError
 from worker.models import SessionRequest, SessionResult, SessionState
 
 PREFIX = "sw:"
@@ -39,13 +39,6 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 _RETRY = Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), retries=20)
 _UNFINISHED = (SessionState.queued, SessionState.starting)
 _OVER = (SessionState.failed, SessionState.terminated)
-
-
-class StoreUnavailable(SandboxWorkerError):
-    """Redis stayed unreachable through the client's reconnect attempts: an infrastructure failure."""
-
-    code = "store_unavailable"
-    transient = True
 
 
 class SessionRecord(BaseModel):

@@ -103,6 +103,25 @@ def start_daemon(
     provider.spawn(sandbox, argv, env=process_env, cwd=cwd, log_path=DAEMON_LOG)
 
 
+# Stops every `sandbox-agent server` in the sandbox (its agents exit with it) and waits for it to go, so a new one
+# can bind the port. Plain sh and /proc: minimal images have no procps.
+_STOP_DAEMON = r"""
+pids() { for p in /proc/[0-9]*; do
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*) echo "${p#/proc/}";; esac; done; }
+for pid in $(pids); do kill -TERM "$pid" 2>/dev/null; done
+for _ in $(seq 50); do [ -z "$(pids)" ] && exit 0; sleep 0.1; done
+for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
+"""
+
+
+def stop_daemon(provider: Provider, sandbox: Sandbox) -> None:
+    """End the daemon a previous attempt started, so the session's daemon starts with this attempt's
+    environment (credentials may differ: a vault placeholder is per grant)."""
+    result = provider.exec(sandbox, ["sh", "-c", _STOP_DAEMON, DAEMON_PATH], timeout=30)
+    if not result:
+        raise DaemonError(f"could not stop the previous daemon (exit code {result.exit_code})")
+
+
 def daemon_log_tail(provider: Provider, sandbox: Sandbox, lines: int = 15) -> str:
     """The end of the daemon's log, for error messages. Best effort."""
     try:

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, get_args
 
-import httpx
 import redis
 import structlog
 from pydantic import SecretStr, ValidationError
@@ -431,34 +430,34 @@ class Pipeline:
         environment: SessionEnvironment,
     ) -> daemon.DaemonClient:
         settings, record = self.settings, attempt.record
-        if not attempt.adopted:
-            attempt.token = daemon.new_token()
-            record.daemon_token = self.store.cipher.encrypt(attempt.token)
-            self.store.put(record)
-            self._retrying(
-                lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
+        if attempt.adopted:
+            # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
+            # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
+            self._retrying(lambda: daemon.stop_daemon(provider, sandbox))
+        token = attempt.token = daemon.new_token()
+        record.daemon_token = self.store.cipher.encrypt(token)
+        self.store.put(record)
+        self._retrying(
+            lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
+        )
+        self._retrying(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
+        for path, content in grant.files.items():
+            upload = functools.partial(
+                provider.upload, sandbox, f"/root/{path}", content.get_secret_value().encode(), mode=0o600
             )
-            self._retrying(
-                lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install)
-            )
-            for path, content in grant.files.items():
-                upload = functools.partial(
-                    provider.upload, sandbox, f"/root/{path}", content.get_secret_value().encode(), mode=0o600
-                )
-                self._retrying(upload)
-            start = functools.partial(
-                daemon.start_daemon,
-                provider,
-                sandbox,
-                token=attempt.token,
-                port=settings.daemon_port,
-                cwd=request.session.cwd,
-                env=environment.daemon_env,
-            )
-            self._retrying(start)
-        assert attempt.token is not None
+            self._retrying(upload)
+        start = functools.partial(
+            daemon.start_daemon,
+            provider,
+            sandbox,
+            token=token,
+            port=settings.daemon_port,
+            cwd=request.session.cwd,
+            env=environment.daemon_env,
+        )
+        self._retrying(start)
         endpoint = self._retrying(lambda: provider.endpoint(sandbox, settings.daemon_port))
-        client = attempt.client = daemon.DaemonClient(endpoint, attempt.token, timeout=settings.session_timeout)
+        client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
             client.wait_healthy(settings.health_timeout)
         except SandboxWorkerError as exc:
@@ -466,19 +465,8 @@ class Pipeline:
             if tail:
                 exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
             raise
-        if attempt.adopted:
-            self._end_stale_agents(client)
         record.result.daemon_url = endpoint.url
         return client
-
-    @staticmethod
-    def _end_stale_agents(client: daemon.DaemonClient) -> None:
-        """The dead attempt's agent processes, one per ACP server: abort a DELETE of each, which ends the agent
-        (see worker.daemon), so a half-finished first turn does not run on beside the new session."""
-        for server in client.acp_servers():
-            with contextlib.suppress(httpx.TimeoutException, httpx.TransportError):
-                client.http.delete(f"/v1/acp/{server['serverId']}", timeout=2.0)
-            log.info("ended a previous attempt's agent", server_id=server["serverId"])
 
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record

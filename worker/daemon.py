@@ -6,7 +6,8 @@ Facts this module relies on (verified against 0.4.2, see docs/architecture.md):
 * The daemon hands its own environment to the agent, so credentials are set when it starts.
 * Sessions are ACP JSON-RPC over ``POST /v1/acp/{server}``; replies also arrive on the SSE stream, and a
   POST can hang past the daemon's request timeout, so a reply is taken from whichever comes first.
-* ``DELETE /v1/acp/{server}`` never returns while the agent lives: it is sent with a short timeout.
+* ``DELETE /v1/acp/{server}`` never returns while the agent lives, so sessions are ended by removing the
+  sandbox, or by restarting the daemon (:func:`stop_daemon`), never by DELETE.
 """
 
 from __future__ import annotations

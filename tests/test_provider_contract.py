@@ -202,6 +202,13 @@ def test_session_through_the_celery_task(
     assert result.reply == f"mock: hello {backend.name}"
     assert len(_owned(driver, request["request_id"])) == 1
 
+    # A web app reaches its session with what the client hands out on request: URL, token, provider headers.
+    access = session_client.access(request["request_id"])
+    assert access is not None and access.url == result.daemon_url
+    servers = httpx.get(f"{access.url}/v1/acp", headers=access.http_headers(), timeout=10).json()["servers"]
+    assert [server["serverId"] for server in servers] == [result.server_id]
+    assert access.token.get_secret_value() not in result.model_dump_json()
+
     assert session_client.terminate(request["request_id"]).state is SessionState.terminated
     assert _owned(driver, request["request_id"]) == []
 

@@ -153,7 +153,9 @@ def submit(
 def status(
     request_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="Print the SessionResult as JSON on stdout.")] = False,
-    show_token: Annotated[bool, typer.Option(help="Also print the daemon's bearer token (a secret).")] = False,
+    show_token: Annotated[
+        bool, typer.Option(help="Also print the daemon's bearer token and any header its provider needs (secrets).")
+    ] = False,
 ) -> None:
     """Show a request's state and result."""
     client = _client()
@@ -162,10 +164,12 @@ def status(
         raise _fail(f"no request {request_id}", 1)
     _print_result(result, as_json)
     if show_token:
-        token = client.token(request_id)
-        if token is None:
+        access = client.access(request_id)
+        if access is None:
             raise _fail("no token: the session is not ready", 1)
-        typer.echo(token.get_secret_value())
+        typer.echo(access.token.get_secret_value())
+        for name, value in access.headers.items():
+            typer.echo(f"{name}: {value.get_secret_value()}")
 
 
 @app.command()

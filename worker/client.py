@@ -20,7 +20,7 @@ from worker.celery_app import PROVIDER_NAMES, SESSIONS_QUEUE, create_app, provid
 from worker.config import Settings, get_settings
 from worker.errors import InvalidRequest
 from worker.models import SessionRequest, SessionResult
-from worker.pipeline import parse_request, token_for
+from worker.pipeline import DaemonAccess, access_for, parse_request
 from worker.store import Store
 
 ProgressCallback = Callable[[str], None]
@@ -77,7 +77,13 @@ class SessionClient:
 
     def token(self, request_id: str) -> SecretStr | None:
         """The daemon's bearer token of a ready session."""
-        return token_for(self.store, request_id)
+        access = self.access(request_id)
+        return access.token if access else None
+
+    def access(self, request_id: str) -> DaemonAccess | None:
+        """How to reach a ready session's daemon: its URL, token and any header the provider's edge needs
+        (``access.http_headers()`` for an HTTP client)."""
+        return access_for(self.store, request_id)
 
     def terminate(self, request_id: str, *, wait: bool = True, timeout: float = 300.0) -> SessionResult | None:
         record = self.store.get(request_id)

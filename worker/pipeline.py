@@ -370,7 +370,7 @@ class Pipeline:
                 log.info("removing a previous attempt's sandbox", sandbox_id=sandbox.sandbox_id)
                 provider.stop(sandbox.sandbox_id)
         if not attempt.adopted:
-            record.daemon_token = None
+            record.forget_daemon()
 
     def _daemon_answers(self, provider: Provider, sandbox: Sandbox, token: SecretStr) -> bool:
         try:
@@ -466,6 +466,7 @@ class Pipeline:
                 exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
             raise
         record.result.daemon_url = endpoint.url
+        record.daemon_headers = self.store.seal_headers(endpoint.headers)
         return client
 
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
@@ -545,7 +546,7 @@ class Pipeline:
         message = REDACTOR.redact(error.message)
         record.result.sandbox_id = None
         record.result.daemon_url = None
-        record.daemon_token = None
+        record.forget_daemon()
         record.result.error = ErrorInfo(code=error.code, stage=stage, message=message, field=error.field)
         if isinstance(error, Terminated):
             record.result.state = SessionState.terminated
@@ -600,14 +601,31 @@ class Pipeline:
             self.credentials.release(request)
         record.result.state = SessionState.terminated
         record.result.stage = "terminated"
-        record.daemon_token = None
+        record.forget_daemon()
         self.store.put(record)
         log.info("session terminated", request_id=request.request_id, sandboxes=removed)
 
 
-def token_for(store: Store, request_id: str) -> SecretStr | None:
-    """The daemon token of a live session, for a client that asked for it explicitly."""
+@dataclass(frozen=True)
+class DaemonAccess:
+    """Everything a client needs to reach a live session's daemon. Secret: handed out only on request."""
+
+    url: str
+    token: SecretStr
+    headers: dict[str, SecretStr] = field(default_factory=dict)
+
+    def http_headers(self) -> dict[str, str]:
+        """The headers of every request to the daemon: the provider's, then the bearer token."""
+        values = {name: value.get_secret_value() for name, value in self.headers.items()}
+        return {**values, "Authorization": f"Bearer {self.token.get_secret_value()}"}
+
+
+def access_for(store: Store, request_id: str) -> DaemonAccess | None:
+    """How to reach the daemon of a ready session, for a client that asked for it explicitly."""
     record = store.get(request_id)
-    if record is None or record.result.state is not SessionState.ready:
+    if record is None or record.result.state is not SessionState.ready or not record.result.daemon_url:
         return None
-    return store.token_of(record)
+    token = store.token_of(record)
+    if token is None:
+        return None
+    return DaemonAccess(record.result.daemon_url, token, store.headers_of(record))

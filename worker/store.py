@@ -16,8 +16,9 @@ Secret values are stored only Fernet-encrypted; without a key the worker refuses
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import redis
 from cryptography.fernet import Fernet, InvalidToken
@@ -49,6 +50,8 @@ class SessionRecord(BaseModel):
     request: SessionRequest
     result: SessionResult
     daemon_token: str | None = None  # Fernet ciphertext
+    # Headers the provider's edge needs besides the token (a preview or traffic token, a Host), as encrypted JSON.
+    daemon_headers: str | None = None
     attempts: int = 0
     terminate_requested: bool = False
     created_at: float
@@ -58,6 +61,11 @@ class SessionRecord(BaseModel):
     def deadline(self) -> float:
         """When the session ends by its ttl: the sandbox's expiry, or the request's ttl counted from its creation."""
         return self.expires_at or self.created_at + self.request.sandbox.ttl_seconds
+
+    def forget_daemon(self) -> None:
+        """Drop what reaches the daemon: it is gone, or about to be."""
+        self.daemon_token = None
+        self.daemon_headers = None
 
     def __repr__(self) -> str:
         return f"SessionRecord(request_id={self.request.request_id!r}, state={self.result.state.value!r})"
@@ -178,6 +186,15 @@ class Store:
 
     def token_of(self, record: SessionRecord) -> SecretStr | None:
         return self.cipher.decrypt(record.daemon_token) if record.daemon_token else None
+
+    def headers_of(self, record: SessionRecord) -> dict[str, SecretStr]:
+        if not record.daemon_headers:
+            return {}
+        headers: dict[str, str] = json.loads(self.cipher.decrypt(record.daemon_headers).get_secret_value())
+        return {name: SecretStr(value) for name, value in headers.items()}
+
+    def seal_headers(self, headers: Mapping[str, str]) -> str | None:
+        return self.cipher.encrypt(SecretStr(json.dumps(dict(headers)))) if headers else None
 
     # -- leases -----------------------------------------------------------------------------------------
     def acquire_lease(self, request_id: str, holder: str, seconds: float) -> bool:

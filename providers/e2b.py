@@ -264,37 +264,27 @@ class E2BProvider(Provider):
         # The launcher exits as soon as the daemon is in the background, so waiting for it is bounded by the request
         # timeout, and envd's deadline for it never reaches the daemon. Secrets ride only in this command's envs.
         with _map_e2b_errors("spawn", sandbox.sandbox_id):
-            try:
-                handle.commands.run(
-                    detached_command(argv, cwd=cwd, log_path=log_path),
-                    envs=dict(env),
-                    timeout=self.config.request_timeout,
-                    request_timeout=self.config.request_timeout,
-                )
-            except e2b.CommandExitException as exc:
-                raise ProviderError(
-                    f"e2b spawn failed: the launcher exited {exc.exit_code}: {_describe(Exception(exc.stderr))}",
-                    provider=PROVIDER,
-                    sandbox_id=sandbox.sandbox_id,
-                ) from exc
+            self._run_checked(handle, detached_command(argv, cwd=cwd, log_path=log_path), "spawn", envs=dict(env))
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         handle = self._handle(sandbox.sandbox_id)
         with _map_e2b_errors("upload", sandbox.sandbox_id):
             # envd creates the parent directories.
             handle.files.write(path, data, request_timeout=self.config.request_timeout)
-            try:
-                handle.commands.run(
-                    shlex.join(["chmod", f"{mode:o}", path]),
-                    timeout=self.config.request_timeout,
-                    request_timeout=self.config.request_timeout,
-                )
-            except e2b.CommandExitException as exc:
-                raise ProviderError(
-                    f"e2b upload failed: chmod {mode:o} exited {exc.exit_code}",
-                    provider=PROVIDER,
-                    sandbox_id=sandbox.sandbox_id,
-                ) from exc
+            self._run_checked(handle, shlex.join(["chmod", f"{mode:o}", path]), "upload")
+
+    def _run_checked(self, handle: e2b.Sandbox, command: str, action: str, envs: dict[str, str] | None = None) -> None:
+        """Run a short helper command; its non-zero exit is the action's failure."""
+        try:
+            handle.commands.run(
+                command, envs=envs, timeout=self.config.request_timeout, request_timeout=self.config.request_timeout
+            )
+        except e2b.CommandExitException as exc:
+            raise ProviderError(
+                f"e2b {action} failed: a helper command exited {exc.exit_code}: {_describe(Exception(exc.stderr))}",
+                provider=PROVIDER,
+                sandbox_id=handle.sandbox_id,
+            ) from exc
 
     def endpoint(self, sandbox: Sandbox, port: int) -> Endpoint:
         handle = self._handle(sandbox.sandbox_id)

@@ -19,6 +19,7 @@ from providers.daytona import LABEL_IDEMPOTENCY_KEY, DaytonaProvider
 from tests.conftest import wait_for
 from tests.standins.daytona import DaytonaStandIn
 from tests.standins.faults import Fault
+from tests.standins.sse_server import SOURCE as SSE_SOURCE
 from worker import pins
 from worker.errors import ProviderAuthError, ProviderError, ProviderUnavailable, SandboxGone
 
@@ -196,27 +197,10 @@ def test_endpoint_reaches_port_with_preview_token_only(provider: DaytonaProvider
     assert httpx.get(f"{endpoint.url}/hello.txt", headers=wrong, timeout=5).status_code == 401
 
 
-SSE_SERVER = b"""
-import http.server, sys, time
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for n in range(2):
-            self.wfile.write(b"data: tick-%d\\n\\n" % n)
-            self.wfile.flush()
-            time.sleep(1.5)
-
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
-"""
-
-
 def test_preview_streams_server_sent_events_unbuffered(provider: DaytonaProvider, owner: str) -> None:
     """Events sent through the preview link arrive as they are written, not when the response ends."""
     sandbox = provider.start(_spec(owner))
-    provider.upload(sandbox, "/opt/sse.py", SSE_SERVER)
+    provider.upload(sandbox, "/opt/sse.py", SSE_SOURCE)
     provider.spawn(sandbox, ["python3", "/opt/sse.py", "2468"], env={}, cwd="/opt", log_path="/tmp/sse.log")
     endpoint = provider.endpoint(sandbox, 2468)
     arrivals: list[tuple[float, str]] = []

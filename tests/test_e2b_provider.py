@@ -19,6 +19,7 @@ from providers.config import E2BConfig
 from providers.e2b import E2BProvider
 from tests.conftest import wait_for
 from tests.standins.e2b import E2BStandIn
+from tests.standins.sse_server import SOURCE as SSE_SOURCE
 from worker import pins
 from worker.errors import (
     ConfigurationError,
@@ -33,30 +34,6 @@ pytestmark = pytest.mark.integration
 
 OWNER = f"e2btest-{uuid.uuid4().hex[:8]}"
 CREATE = r"^/v2/sandboxes$"
-
-# A tiny HTTP server for the proxy tests: GET streams two SSE events 1.5 s apart, POST echoes its body.
-SSE_SERVER = b"""
-import http.server, sys, time
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        self.wfile.write(b"data: 1\\n\\n")
-        self.wfile.flush()
-        time.sleep(1.5)
-        self.wfile.write(b"data: 2\\n\\n")
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +257,7 @@ def test_endpoint_reaches_a_server_through_the_proxy(provider: E2BProvider) -> N
 def test_proxy_streams_sse_and_request_bodies(provider: E2BProvider) -> None:
     """The port proxy passes server-sent events through as they are written, and forwards request bodies."""
     sandbox = provider.start(spec())
-    provider.upload(sandbox, "/srv/sse.py", SSE_SERVER)
+    provider.upload(sandbox, "/srv/sse.py", SSE_SOURCE)
     provider.spawn(sandbox, ["python3", "/srv/sse.py", "2468"], env={}, cwd="/srv", log_path="/tmp/sse.log")
     endpoint = provider.endpoint(sandbox, 2468)
 
@@ -295,7 +272,7 @@ def test_proxy_streams_sse_and_request_bodies(provider: E2BProvider) -> None:
                 if line.startswith("data:"):
                     arrivals.append((time.monotonic() - started, line))
 
-    assert [line for _, line in arrivals] == ["data: 1", "data: 2"]
+    assert [line for _, line in arrivals] == ["data: tick-0", "data: tick-1"]
     assert arrivals[0][0] < 1.0  # not held back until the stream ends
     assert arrivals[1][0] - arrivals[0][0] > 1.0
 

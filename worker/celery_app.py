@@ -24,8 +24,6 @@ def provider_queue(provider: str) -> str:
     return f"{SESSIONS_QUEUE}.{provider}"
 
 
-ALL_QUEUES = (SESSIONS_QUEUE, *(provider_queue(p) for p in PROVIDER_NAMES))
-
 # The longest countdown of a session task's retry (tasks/sessions.py backs off up to a minute). With Redis, a task
 # waiting out its countdown is already delivered and unacknowledged, so it counts against the visibility timeout.
 RETRY_COUNTDOWN_MAX = 60

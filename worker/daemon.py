@@ -148,7 +148,6 @@ class DaemonClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._token = token
         headers = {**endpoint.headers, "Authorization": f"Bearer {token.get_secret_value()}"}
         self.http = httpx.Client(
             base_url=endpoint.url, headers=headers, timeout=timeout, transport=transport, follow_redirects=False
@@ -202,10 +201,6 @@ class DaemonClient:
     def agents(self) -> list[dict[str, Any]]:
         agents: list[dict[str, Any]] = self.get_json("/v1/agents")["agents"]
         return agents
-
-    def acp_servers(self) -> list[dict[str, Any]]:
-        servers: list[dict[str, Any]] = self.get_json("/v1/acp")["servers"]
-        return servers
 
 
 def _raise_for_problem(response: httpx.Response) -> None:

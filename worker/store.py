@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import redis
 from cryptography.fernet import Fernet, InvalidToken
@@ -164,10 +164,6 @@ class Store:
         existing = self.get(request.request_id)
         assert existing is not None
         return existing
-
-    def request_ids(self) -> Iterator[str]:
-        for member, _score in self.redis.zscan_iter(f"{PREFIX}sessions"):
-            yield str(member)
 
     def stalled(self, idle_since: float) -> list[str]:
         """Unfinished requests whose record has not changed since the epoch time ``idle_since``."""

@@ -134,7 +134,7 @@ class _Attempt:
     record: SessionRecord
     provider: Provider | None = None
     sandbox: Sandbox | None = None
-    adopted: bool = False  # the sandbox and its running daemon come from a previous attempt
+    adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
     token: SecretStr | None = None
     grant: CredentialGrant | None = None
     acp: daemon.AcpConnection | None = None

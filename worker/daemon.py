@@ -244,6 +244,9 @@ def reject_permissions(params: dict[str, Any]) -> dict[str, Any]:
     return {"outcome": {"outcome": "cancelled"}}
 
 
+# Seconds a reply that came in a POST body waits for its copy on the event stream (and the text before it).
+STREAM_CATCH_UP = 5.0
+
 # Consecutive failures to (re)open the event stream, ~0.1 s apart, before the daemon counts as lost.
 STREAM_FAILURES = 20
 
@@ -337,10 +340,11 @@ class AcpConnection:
         with self._inbox.lock:
             self._inbox.chunks[session_id] = []
         result = self.request(
-            "session/prompt", {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]}, timeout=timeout
+            "session/prompt",
+            {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]},
+            timeout=timeout,
+            from_stream=True,
         )
-        # The final chunks and the response can race on the stream: give trailing chunks a moment.
-        time.sleep(0.05)
         with self._inbox.lock:
             reply = "".join(self._inbox.chunks.pop(session_id, []))
         if result.get("stopReason") not in (None, "end_turn", "max_tokens", "max_turn_requests"):
@@ -351,8 +355,17 @@ class AcpConnection:
         self._post({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": session_id}})
 
     def request(
-        self, method: str, params: dict[str, Any], *, timeout: float, query: Mapping[str, str] | None = None
+        self,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float,
+        query: Mapping[str, str] | None = None,
+        from_stream: bool = False,
     ) -> dict[str, Any]:
+        """Send a JSON-RPC request; the reply is taken from the POST body or the event stream, whichever comes
+        first. ``from_stream`` waits for the stream's copy as well (briefly, when the POST was first): the stream
+        is ordered, so everything the agent sent before its reply (the turn's text) has then arrived too."""
         request_id = next(self._ids)
         envelope = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
         future = self._posts.submit(self._post, envelope, query, timeout)
@@ -366,6 +379,8 @@ class AcpConnection:
                     body = self._post_result(future, method)
                     if body is not None:
                         reply = body
+                        if from_stream:
+                            self._await_streamed(request_id, STREAM_CATCH_UP)
                         break
                 if self._inbox.exited is not None:
                     raise AgentError(f"agent {self.agent} exited during {method} ({self._inbox.exited})")
@@ -380,6 +395,16 @@ class AcpConnection:
             raise AgentError(f"{method} failed: [{error.get('code')}] {error.get('message')}")
         result: dict[str, Any] = reply.get("result") or {}
         return result
+
+    def _await_streamed(self, request_id: int, seconds: float) -> None:
+        """With the inbox lock held: wait until the stream delivered the reply to ``request_id`` (then drop it)."""
+        deadline = time.monotonic() + seconds
+        while request_id not in self._inbox.responses and self._inbox.lost is None and self._inbox.exited is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._inbox.lock.wait(min(remaining, 0.1))
+        self._inbox.responses.pop(request_id, None)
 
     def _post_result(self, future: Future[httpx.Response | None], method: str) -> dict[str, Any] | None:
         try:

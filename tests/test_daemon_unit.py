@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -10,6 +13,7 @@ from pydantic import SecretStr
 
 from providers.base import Endpoint
 from worker.daemon import (
+    AcpConnection,
     DaemonClient,
     _raise_for_problem,
     _sse_events,
@@ -76,3 +80,46 @@ def test_wait_healthy_gives_up_at_its_deadline() -> None:
     )
     with pytest.raises(DaemonUnhealthy):
         client.wait_healthy(0.3)
+
+
+def _acp_transport(stream_delay: float) -> httpx.MockTransport:
+    """A daemon whose POST replies at once while the event stream (chunks, then the reply) lags behind."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            body = json.loads(request.content)
+            result = {"sessionId": "s1"} if body["method"] == "session/new" else {"stopReason": "end_turn"}
+            if body["method"] == "initialize":
+                result = {"protocolVersion": 1}
+            return httpx.Response(200, json={"jsonrpc": "2.0", "id": body["id"], "result": result})
+
+        def events() -> Iterator[bytes]:
+            time.sleep(stream_delay)
+            for n, text in enumerate(["mock: ", "hello"], start=1):
+                update = {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}}
+                envelope = {
+                    "jsonrpc": "2.0",
+                    "method": "session/update",
+                    "params": {"sessionId": "s1", "update": update},
+                }
+                yield f"id: {n}\ndata: {json.dumps(envelope)}\n\n".encode()
+            reply = {"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "end_turn"}}
+            yield f"id: 3\ndata: {json.dumps(reply)}\n\n".encode()
+            time.sleep(5)
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+    return httpx.MockTransport(handler)
+
+
+def test_prompt_reply_waits_for_the_ordered_event_stream() -> None:
+    """A prompt whose POST answers before the stream delivers the text still returns the whole text."""
+    client = DaemonClient(Endpoint("http://daemon"), SecretStr("t"), transport=_acp_transport(stream_delay=0.5))
+    acp = AcpConnection(client, "srv", "mock")
+    try:
+        acp.initialize(timeout=5)
+        session_id = acp.new_session("/workspace", timeout=5)
+        assert acp.prompt(session_id, "hello", timeout=10) == "mock: hello"
+    finally:
+        acp.detach()
+        client.close()

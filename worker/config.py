@@ -52,6 +52,11 @@ class Settings(BaseSettings):
 
     task_soft_time_limit: int = Field(900, gt=0, description="Celery soft time limit of one bring-up (s).")
     task_time_limit: int = Field(960, gt=0, description="Celery hard time limit of one bring-up (s).")
+    record_retention_seconds: int = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description="How long a failed or terminated request's record is kept (and a duplicate submit answered from it).",
+    )
     lease_seconds: int = Field(
         30, ge=5, description="Lease on a request while a worker brings it up; renewed by a heartbeat."
     )

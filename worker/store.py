@@ -3,8 +3,9 @@
 Keys (prefix ``sw:``):
 
 * ``sw:session:<request_id>`` — the :class:`SessionRecord` as JSON (request, result, encrypted daemon token).
+  Once failed or terminated it expires after ``record_retention_seconds``: the window in which a duplicate
+  submit still gets the old result instead of a new session.
 * ``sw:lease:<request_id>`` — the id of the worker bringing the request up; expires unless renewed.
-* ``sw:sessions`` — sorted set of request ids by last update, for listing.
 * ``sw:active`` — sorted set of the unfinished (queued, starting) request ids by last update: the reaper's view of
   bring-ups that may have lost their worker.
 * ``sw:live`` — sorted set of the request ids not failed or terminated, by expiry (sandbox ttl): the reaper
@@ -96,9 +97,10 @@ class Cipher:
 
 
 class Store:
-    def __init__(self, client: redis.Redis, cipher: Cipher) -> None:
+    def __init__(self, client: redis.Redis, cipher: Cipher, *, retention_seconds: int = 7 * 24 * 3600) -> None:
         self.redis = client
         self.cipher = cipher
+        self.retention_seconds = retention_seconds
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -113,7 +115,7 @@ class Store:
             retry=_RETRY,
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        return cls(client, Cipher(settings.fernet_key))
+        return cls(client, Cipher(settings.fernet_key), retention_seconds=settings.record_retention_seconds)
 
     # -- records ----------------------------------------------------------------------------------------
     def get(self, request_id: str) -> SessionRecord | None:
@@ -123,9 +125,9 @@ class Store:
     def put(self, record: SessionRecord) -> None:
         record.result.updated_at = time.time()
         request_id = record.request.request_id
+        expiry = self.retention_seconds if record.result.state in _OVER else None
         pipe = self.redis.pipeline()
-        pipe.set(f"{PREFIX}session:{request_id}", record.model_dump_json())
-        pipe.zadd(f"{PREFIX}sessions", {request_id: record.result.updated_at})
+        pipe.set(f"{PREFIX}session:{request_id}", record.model_dump_json(), ex=expiry)
         self._index(pipe, record)
         pipe.execute()
 
@@ -157,7 +159,6 @@ class Store:
         key = f"{PREFIX}session:{request.request_id}"
         if self.redis.set(key, record.model_dump_json(), nx=True):
             pipe = self.redis.pipeline()
-            pipe.zadd(f"{PREFIX}sessions", {request.request_id: record.created_at})
             self._index(pipe, record)
             pipe.execute()
             return record

@@ -1,0 +1,55 @@
+"""The session store against a real Redis: records, retention of finished ones, encryption at rest."""
+
+from __future__ import annotations
+
+import pytest
+import redis as redis_lib
+from pydantic import SecretStr
+
+from worker.config import Settings
+from worker.errors import ConfigurationError
+from worker.models import SessionRequest, SessionState
+from worker.store import PREFIX, Cipher, Store
+
+
+def _request(request_id: str) -> SessionRequest:
+    return SessionRequest(request_id=request_id, tenant_id="acme", agent="mock", provider="docker")  # type: ignore[arg-type]
+
+
+def test_finished_records_expire_after_retention_and_live_ones_do_not(
+    settings: Settings, redis_client: redis_lib.Redis
+) -> None:
+    """A ready record stays; a failed or terminated one expires after the retention window."""
+    store = Store(Store.from_settings(settings).redis, Cipher(settings.fernet_key), retention_seconds=120)
+    for request_id, state in (("keep-ready", SessionState.ready), ("drop-failed", SessionState.failed)):
+        record = store.create(_request(request_id))
+        record.result.state = state
+        store.put(record)
+    assert redis_client.ttl(f"{PREFIX}session:keep-ready") == -1
+    assert 0 < redis_client.ttl(f"{PREFIX}session:drop-failed") <= 120
+
+    record = store.get("keep-ready")
+    assert record is not None
+    record.result.state = SessionState.terminated
+    store.put(record)
+    assert 0 < redis_client.ttl(f"{PREFIX}session:keep-ready") <= 120
+
+
+def test_the_same_request_id_creates_one_record(settings: Settings) -> None:
+    """create() is SET NX: a second create of the same request returns the first record."""
+    store = Store.from_settings(settings)
+    first = store.create(_request("once"))
+    second = store.create(_request("once"))
+    assert first.created_at == second.created_at
+
+
+def test_secrets_are_encrypted_and_need_a_key(settings: Settings, redis_client: redis_lib.Redis) -> None:
+    """The daemon token is stored only as Fernet ciphertext, and nothing is stored without a key."""
+    store = Store.from_settings(settings)
+    record = store.create(_request("tokened"))
+    record.daemon_token = store.cipher.encrypt(SecretStr("tok-value-123456"))
+    store.put(record)
+    assert "tok-value-123456" not in (redis_client.get(f"{PREFIX}session:tokened") or "")
+    assert store.token_of(record).get_secret_value() == "tok-value-123456"  # type: ignore[union-attr]
+    with pytest.raises(ConfigurationError, match="FERNET_KEY"):
+        Cipher(None).encrypt(SecretStr("x"))

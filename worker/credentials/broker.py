@@ -62,7 +62,11 @@ class CredentialBroker:
 
     def strategy_for(self, request: SessionRequest) -> Strategy:
         """The strategy serving ``request`` once the tenant default is applied to it."""
-        chosen = self.effective(request).credentials.strategy
+        return self._strategy_of(self.effective(request))
+
+    @staticmethod
+    def _strategy_of(request: SessionRequest) -> Strategy:
+        chosen = request.credentials.strategy
         if chosen is None:
             if request.agent is Agent.mock:
                 return Strategy.none
@@ -73,8 +77,8 @@ class CredentialBroker:
         return chosen
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
-        effective = self.effective(request)
-        name = self.strategy_for(effective)
+        effective = self.effective(request)  # one read of the tenant default per grant
+        name = self._strategy_of(effective)
         try:
             strategy = self.strategies[name]
         except KeyError:

@@ -74,7 +74,7 @@ def pipeline_once(pipeline: Pipeline) -> tuple[float, dict[str, float]]:
     elapsed = time.perf_counter() - started
     if result.state != "ready":
         raise SystemExit(f"bring-up failed: {result.error}")
-    pipeline.terminate(result.request_id)
+    pipeline.teardown.terminate(result.request_id)
     return elapsed, result.timings_ms
 
 

@@ -103,8 +103,8 @@ class Fleet:
     def reaper(self, **fleet: Any) -> Reaper:
         """A reaper on this Redis and the local Docker engine, requeueing through the broker."""
         settings = self.settings.model_copy(update={"fleet": self.settings.fleet.model_copy(update=fleet)})
-        pipeline = self.pipeline()
-        return Reaper(settings, self.store, runtime.provider, pipeline.terminate, self.client.submit, pipeline.limits)
+        teardown = self.pipeline().teardown
+        return Reaper(settings, self.store, runtime.provider, teardown.terminate, self.client.submit, teardown.limits)
 
     def containers(self, client: docker.DockerClient, request_id: str | None = None) -> list[Any]:
         """The containers of this test (of one request)."""

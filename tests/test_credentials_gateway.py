@@ -23,11 +23,11 @@ from tests.standins.gateways import GatewayStandIn, LiteLLMStandIn, OpenRouterSt
 from tests.standins.server import ThreadedServer
 from worker.config import Settings
 from worker.credentials.gateway import GatewayKeys
-from worker.credentials.gateways import CLIENTS, GatewayUnavailable
+from worker.credentials.gateway_clients import CLIENTS, GatewayUnavailable
 from worker.credentials.settings import GatewayBackendSettings, GatewaySettings
 from worker.errors import ConfigurationError, CredentialError
 from worker.models import GatewayBackend
-from worker.secrets import SecretStore
+from worker.secret_store import SecretStore
 from worker.store import Store
 
 pytest_plugins = ["tests.standins.credential_fixtures"]

@@ -21,7 +21,7 @@ from worker.credentials.base import NO_CREDENTIALS, CredentialGrant
 from worker.credentials.broker import CredentialBroker, build_broker
 from worker.errors import ConfigurationError, CredentialError, InvalidRequest
 from worker.models import CredentialsSpec, LLMProvider, SessionRequest, Strategy
-from worker.secrets import SecretStore
+from worker.secret_store import SecretStore
 from worker.store import Cipher, Store
 
 VALUE = "sk-ant-" + "s" * 30

@@ -34,7 +34,7 @@ from worker.egress_proxy import Masker, build_app
 from worker.errors import CredentialError, InvalidRequest
 from worker.models import SessionRequest
 from worker.redaction import MASK
-from worker.secrets import SecretStore
+from worker.secret_store import SecretStore
 from worker.store import Store
 
 pytest_plugins = ["tests.standins.credential_fixtures"]

@@ -1,9 +1,8 @@
-"""Unit tests of the daemon client's pure logic: SSE framing, permission policies, problem mapping."""
+"""Unit tests of the daemon client and the ACP connection: permission policies, problem mapping, replies."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 
@@ -12,14 +11,8 @@ import pytest
 from pydantic import SecretStr
 
 from providers.base import Endpoint
-from worker.daemon import (
-    AcpConnection,
-    DaemonClient,
-    _raise_for_problem,
-    _sse_events,
-    approve_permissions,
-    reject_permissions,
-)
+from worker.acp import AcpConnection, approve_permissions, reject_permissions
+from worker.daemon import DaemonClient, raise_for_problem
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
 
 PERMISSION = {
@@ -28,12 +21,6 @@ PERMISSION = {
         {"optionId": "allow", "name": "Allow", "kind": "allow_once"},
     ]
 }
-
-
-def test_sse_frames_are_parsed_and_heartbeats_skipped() -> None:
-    """Frames yield (id, data); comments and blank keep-alives yield nothing."""
-    lines = [": heartbeat", "", "event: message", "id: 1", 'data: {"a":1}', "", "id: 2", "data: x", "data: y", ""]
-    assert list(_sse_events(iter(lines), threading.Event())) == [("1", '{"a":1}'), ("2", "x\ny")]
 
 
 def test_permission_policies_pick_the_right_option() -> None:
@@ -56,7 +43,7 @@ def test_problem_documents_map_to_errors(status: int, kind: str, error: type[Exc
     """RFC 7807 problems from the daemon become the matching error class."""
     response = httpx.Response(status, json={"type": f"urn:sandbox-agent:error:{kind}", "detail": "boom"})
     with pytest.raises(error, match="boom"):
-        _raise_for_problem(response)
+        raise_for_problem(response)
 
 
 def test_client_sends_the_bearer_token_and_hides_it() -> None:
@@ -95,6 +82,7 @@ def _acp_transport(stream_delay: float) -> httpx.MockTransport:
 
         def events() -> Iterator[bytes]:
             time.sleep(stream_delay)
+            yield b": heartbeat\n\n"  # comments are keep-alives, not events
             for n, text in enumerate(["mock: ", "hello"], start=1):
                 update = {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}}
                 envelope = {

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import InvalidRequest
-from worker.models import SessionRequest, SessionResult, SessionState
-from worker.pipeline import parse_request
+from worker.models import SessionRequest, SessionResult, SessionState, parse_request
 
 SCHEMA = Path(__file__).resolve().parent.parent / "docs" / "session-request.schema.json"
 

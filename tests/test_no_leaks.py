@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from tests.standins.credentials import CredentialStack, bring_up, fail
 from worker.config import get_settings
 from worker.credentials.broker import build_broker, gateway_keys
-from worker.credentials.gateways import GatewayUnavailable
+from worker.credentials.gateway_clients import GatewayUnavailable
 from worker.credentials.subscription import discover
 from worker.credentials.vault import Vault, VaultCredential, VaultStore
 from worker.errors import SandboxWorkerError

@@ -20,9 +20,10 @@ from celery.result import AsyncResult
 from tests.conftest import WorkerProcess, wait_for
 from tests.fleet import FAST_LEASE, Fleet, fleet_fixture, pool_children  # noqa: F401 - the fixture
 from worker import pins
-from worker.fleet import FleetConfig
+from worker.fleet import STAGES, FleetConfig
 from worker.models import SessionState
-from worker.pipeline import STAGES, Pipeline, RetryLater
+from worker.pipeline import Pipeline
+from worker.retries import RetryLater
 
 pytestmark = pytest.mark.integration
 

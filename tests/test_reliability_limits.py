@@ -186,7 +186,7 @@ def test_a_request_waiting_for_a_slot_stops_when_terminated(fleet: Fleet, docker
         bring_up = pool.submit(pipeline.create, request.model_dump(mode="json"))
         wait_for(lambda: blocker.waiting() == 1, 10, what="the request to wait in line")
 
-        ended = pipeline.terminate(request.request_id)
+        ended = pipeline.teardown.terminate(request.request_id)
         result = bring_up.result(timeout=10)
 
     assert ended.state is result.state is SessionState.terminated

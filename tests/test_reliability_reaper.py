@@ -18,6 +18,7 @@ from providers.base import (
 )
 from tests.fleet import Fleet, fleet_fixture  # noqa: F401 - the fixture
 from worker import runtime
+from worker.lease import Lease
 from worker.models import ProviderName, SessionRequest, SessionState
 from worker.store import SessionRecord
 
@@ -49,7 +50,7 @@ def test_reaper_removes_only_what_it_can_prove_is_orphaned(fleet: Fleet, docker_
     and in-flight ones stay; a dry run touches nothing."""
     failed = _record(fleet, SessionState.failed)
     leased = _record(fleet, SessionState.failed)
-    fleet.store.acquire_lease(leased.request.request_id, "a-live-worker", 60)
+    assert Lease(fleet.store, leased.request.request_id, "a-live-worker", 60).acquire()
     in_flight = _record(fleet, SessionState.starting)
     ready = _record(fleet, SessionState.ready)
     orphans = {
@@ -113,7 +114,7 @@ def test_reaper_requeues_an_abandoned_request_once_per_grace_period(fleet: Fleet
     """An unfinished request with no live lease and an idle record is sent again, but not on every pass."""
     abandoned = _record(fleet, SessionState.starting, stage="daemon")
     working = _record(fleet, SessionState.starting, stage="daemon")
-    fleet.store.acquire_lease(working.request.request_id, "a-live-worker", 60)
+    assert Lease(fleet.store, working.request.request_id, "a-live-worker", 60).acquire()
     requeued: list[SessionRequest] = []
     time.sleep(1.1)
     reaper = fleet.reaper(reap_grace_seconds=1)

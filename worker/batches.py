@@ -39,8 +39,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from worker.errors import InvalidRequest
-from worker.models import SessionRequest, SessionState
-from worker.pipeline import parse_request
+from worker.models import SessionRequest, SessionState, parse_request
 from worker.store import PREFIX, Store
 
 log = structlog.get_logger(__name__)

@@ -5,15 +5,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
 
-from worker import runtime
 from worker.config import Settings, get_settings
-from worker.logs import configure_logging
 from worker.models import ProviderName
+from worker.retries import COUNTDOWN_MAX
 
 SESSIONS_QUEUE = "sessions"
 PROVIDER_NAMES = tuple(p.value for p in ProviderName)
@@ -24,17 +20,12 @@ def provider_queue(provider: str) -> str:
     return f"{SESSIONS_QUEUE}.{provider}"
 
 
-# The longest countdown of a session task's retry (tasks/sessions.py backs off up to a minute). With Redis, a task
-# waiting out its countdown is already delivered and unacknowledged, so it counts against the visibility timeout.
-RETRY_COUNTDOWN_MAX = 60
-
-
 def visibility_timeout(settings: Settings) -> int:
     """Seconds before Redis hands an unacknowledged message to another worker. It must outlast the longest
     legitimate hold — a retry's countdown plus a whole run up to the hard time limit — or a live task would be
     delivered twice; past it, a message whose worker died is redelivered (the reaper requeues such requests
     sooner)."""
-    return RETRY_COUNTDOWN_MAX + settings.task_time_limit + 60
+    return COUNTDOWN_MAX + settings.task_time_limit + 60
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -77,13 +68,3 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
-
-
-@worker_process_init.connect
-def _init_process(**_: Any) -> None:
-    configure_logging(get_settings().log_format)
-
-
-@worker_process_shutdown.connect
-def _close_process(**_: Any) -> None:
-    runtime.close()

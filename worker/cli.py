@@ -54,7 +54,7 @@ def _print_result(result: SessionResult, as_json: bool) -> None:
 def _progress_view(current: str | None, outcome: SessionState | None = None) -> Table:
     """Stages before ``current`` are done (quick ones pass between two polls); ``current`` is running, or
     finished with ``outcome``."""
-    from worker.pipeline import STAGES
+    from worker.fleet import STAGES
 
     at = STAGES.index(current) if current in STAGES else -1
     table = Table(show_header=False, box=None)

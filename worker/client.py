@@ -16,11 +16,11 @@ from celery import Celery
 from celery.result import AsyncResult
 from pydantic import SecretStr
 
+from worker.access import DaemonAccess, access_for
 from worker.celery_app import PROVIDER_NAMES, SESSIONS_QUEUE, create_app, provider_queue
 from worker.config import Settings, get_settings
 from worker.errors import InvalidRequest
-from worker.models import SessionRequest, SessionResult
-from worker.pipeline import DaemonAccess, access_for, parse_request
+from worker.models import SessionRequest, SessionResult, parse_request
 from worker.store import Store
 
 ProgressCallback = Callable[[str], None]

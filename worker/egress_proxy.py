@@ -37,7 +37,7 @@ from worker.config import Settings
 from worker.credentials.settings import EgressSettings
 from worker.credentials.vault import Binding, Placeholders, Vault, VaultStore, resolve
 from worker.redaction import MASK
-from worker.secrets import SecretStore
+from worker.secret_store import SecretStore
 
 log = structlog.get_logger(__name__)
 

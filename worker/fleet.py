@@ -8,14 +8,15 @@ run with the same values: the caps are enforced in Redis, but each worker passes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from worker.models import Identifier, ProviderName
 
-# The pipeline's stages, for the fault-injection hook (worker.pipeline.STAGES is built from this).
+# The pipeline's stages, in order.
 StageName = Literal["claim", "credentials", "environment", "sandbox", "daemon", "session", "ready"]
+STAGES: tuple[StageName, ...] = get_args(StageName)
 
 
 class FleetConfig(BaseModel):
@@ -49,6 +50,12 @@ class FleetConfig(BaseModel):
         6,
         description="Bring-up attempts of one request (task retries, redeliveries and takeovers together) before "
         "it fails for good; keep it above the task's retries.",
+    )
+    stage_attempts: PositiveInt = Field(
+        3,
+        le=10,
+        description="Tries of a transient failure within one stage (jittered backoff) before the bring-up is "
+        "compensated and left to the next attempt; see worker/retries.py for how the layers multiply.",
     )
     reap_interval_seconds: float = Field(60.0, gt=0, description="How often beat runs the reaper.")
     reap_grace_seconds: float = Field(

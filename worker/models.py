@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from worker.errors import InvalidRequest
 
 # Ids end up in sandbox labels and E2B metadata filters, which only survive a small alphabet.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -161,3 +164,23 @@ class SessionResult(_Strict):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: ErrorInfo | None = None
     updated_at: float = Field(default_factory=time.time)
+
+
+def invalid_result(payload: Any, error: InvalidRequest) -> SessionResult:
+    request_id = payload.get("request_id") if isinstance(payload, Mapping) else None
+    return SessionResult(
+        request_id=request_id if isinstance(request_id, str) and request_id else "invalid",
+        state=SessionState.failed,
+        stage="claim",
+        error=ErrorInfo(code=error.code, stage="claim", message=error.message, field=error.field),
+    )
+
+
+def parse_request(payload: Any) -> SessionRequest:
+    """Validate a raw request; the first problem becomes an InvalidRequest naming its field."""
+    try:
+        return SessionRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "request"
+        raise InvalidRequest(f"{where}: {first['msg']}", field=where) from None

@@ -63,7 +63,7 @@ class Reaper:
     settings: Settings
     store: Store
     providers: Callable[[ProviderName], Provider]
-    terminate: Callable[[str], Any]  # the pipeline's terminate
+    terminate: Callable[[str], Any]  # worker.teardown.Teardown.terminate
     requeue: Callable[[SessionRequest], None]  # back on the request's provider queue
     limits: Limits
 
@@ -168,5 +168,5 @@ def build_reaper(requeue: Callable[[SessionRequest], None]) -> Reaper:
     from worker import runtime
     from worker.config import get_settings
 
-    pipeline = runtime.pipeline()
-    return Reaper(get_settings(), runtime.store(), runtime.provider, pipeline.terminate, requeue, pipeline.limits)
+    teardown = runtime.teardown()
+    return Reaper(get_settings(), runtime.store(), runtime.provider, teardown.terminate, requeue, teardown.limits)

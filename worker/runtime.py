@@ -12,6 +12,7 @@ from worker.credentials.broker import CredentialBroker, build_broker
 from worker.models import ProviderName
 from worker.pipeline import Pipeline, ProgressHook, no_progress
 from worker.store import Store
+from worker.teardown import Teardown
 
 _lock = threading.Lock()
 _providers: dict[ProviderName, Provider] = {}
@@ -38,6 +39,11 @@ def credentials() -> CredentialBroker:
 
 def pipeline(progress: ProgressHook = no_progress) -> Pipeline:
     return Pipeline(get_settings(), store(), provider, credentials(), progress=progress)
+
+
+def teardown() -> Teardown:
+    """Ending sessions (terminate, the reaper), without a bring-up's progress hook."""
+    return pipeline().teardown
 
 
 def close() -> None:

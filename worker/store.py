@@ -25,6 +25,7 @@ import redis
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, SecretStr
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.lock import Lock
 from redis.retry import Retry
 
 from worker.config import Settings
@@ -32,10 +33,6 @@ from worker.errors import ConfigurationError
 from worker.models import SessionRequest, SessionResult, SessionState
 
 PREFIX = "sw:"
-
-# Renew or release a lease only if we still hold it (compare-and-set on the holder's id).
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 # A Redis restart or failover is ridden out command by command: up to about 30 s of reconnecting with backoff.
 _RETRY = Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), retries=20)
@@ -101,8 +98,6 @@ class Store:
         self.redis = client
         self.cipher = cipher
         self.retention_seconds = retention_seconds
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -174,13 +169,6 @@ class Store:
         """Requests not failed or terminated whose ttl has run out by ``now``."""
         return [str(m) for m in self.redis.zrangebyscore(f"{PREFIX}live", "-inf", now)]
 
-    def delete(self, request_id: str) -> None:
-        pipe = self.redis.pipeline()
-        pipe.delete(f"{PREFIX}session:{request_id}")
-        for index in ("sessions", "active", "live"):
-            pipe.zrem(f"{PREFIX}{index}", request_id)
-        pipe.execute()
-
     def token_of(self, record: SessionRecord) -> SecretStr | None:
         return self.cipher.decrypt(record.daemon_token) if record.daemon_token else None
 
@@ -194,14 +182,11 @@ class Store:
         return self.cipher.encrypt(SecretStr(json.dumps(dict(headers)))) if headers else None
 
     # -- leases -----------------------------------------------------------------------------------------
-    def acquire_lease(self, request_id: str, holder: str, seconds: float) -> bool:
-        return bool(self.redis.set(f"{PREFIX}lease:{request_id}", holder, nx=True, px=int(seconds * 1000)))
-
-    def renew_lease(self, request_id: str, holder: str, seconds: float) -> bool:
-        return bool(self._renew(keys=[f"{PREFIX}lease:{request_id}"], args=[holder, int(seconds * 1000)]))
-
-    def release_lease(self, request_id: str, holder: str) -> None:
-        self._release(keys=[f"{PREFIX}lease:{request_id}"], args=[holder])
+    def lease(self, request_id: str, seconds: float) -> Lock:
+        """The lease on ``request_id`` (:mod:`worker.lease`): a lock whose token names the worker holding it.
+        Not thread-local: the heartbeat thread renews what the bring-up thread acquired."""
+        lock: Lock = self.redis.lock(f"{PREFIX}lease:{request_id}", timeout=seconds, thread_local=False)
+        return lock
 
     def lease_holder(self, request_id: str) -> str | None:
         holder = self.redis.get(f"{PREFIX}lease:{request_id}")

@@ -43,9 +43,10 @@ from tests.standins.gateways import GatewayStandIn, LiteLLMStandIn, OpenRouterSt
 from tests.standins.llm_upstream import LLMUpstream
 from tests.standins.server import ThreadedServer, free_port
 from worker import pins
-from worker.daemon import AcpConnection, DaemonClient, mock_agent_script
+from worker.acp import AcpConnection
+from worker.daemon import DaemonClient, mock_agent_script
 from worker.models import SessionState
-from worker.secrets import SecretStore
+from worker.secret_store import SecretStore
 from worker.store import Store
 
 AGENT_DATA = "/root/.local/share/sandbox-agent/bin"

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from worker.credentials.base import NO_CREDENTIALS, CredentialGrant, CredentialStrategy
 from worker.credentials.byok import BringYourOwnKey
 from worker.credentials.gateway import GatewayKeys, PerTenantGateway
-from worker.credentials.gateways import CLIENTS
+from worker.credentials.gateway_clients import CLIENTS
 from worker.credentials.shared import SharedOrgKey
 from worker.credentials.subscription import PersonalSubscription
 from worker.credentials.vault import Placeholders, VaultStore, VaultStrategy
 from worker.errors import CredentialError
 from worker.models import Agent, CredentialsSpec, SessionRequest, Strategy
-from worker.secrets import SecretStore
+from worker.secret_store import SecretStore
 
 if TYPE_CHECKING:
     from worker.config import Settings

@@ -7,7 +7,7 @@ from worker.credentials.base import CredentialGrant
 from worker.credentials.settings import ProviderURLs
 from worker.errors import CredentialError
 from worker.models import SessionRequest, Strategy
-from worker.secrets import SecretStore
+from worker.secret_store import SecretStore
 
 
 class BringYourOwnKey:

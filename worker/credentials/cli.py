@@ -19,7 +19,7 @@ from worker.credentials.gateway import GatewayKeys
 from worker.credentials.vault import CredentialKind, Vault, VaultCredential, VaultStore
 from worker.errors import ConfigurationError, InvalidRequest
 from worker.models import CredentialsSpec, GatewayBackend, LLMProvider, Strategy
-from worker.secrets import SecretStore, check_tenant
+from worker.secret_store import SecretStore, check_tenant
 from worker.store import Store
 
 secrets_app = typer.Typer(no_args_is_help=True, help="Per-tenant secrets, encrypted in Redis.")

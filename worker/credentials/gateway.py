@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 from worker.credentials.agents import KeyAuth, session_provider, token_grant
 from worker.credentials.base import CredentialGrant
-from worker.credentials.gateways import GatewayClient, Spend, TenantKey
+from worker.credentials.gateway_clients import GatewayClient, Spend, TenantKey
 from worker.errors import CredentialError
 from worker.models import GatewayBackend, SessionRequest, Strategy
-from worker.secrets import SecretStore, check_tenant
+from worker.secret_store import SecretStore, check_tenant
 
 KIND = "gateway"
 

@@ -29,7 +29,7 @@ from worker.credentials.base import CredentialGrant
 from worker.credentials.settings import EgressSettings
 from worker.errors import ConfigurationError, CredentialError, InvalidRequest
 from worker.models import Identifier, LLMProvider, SessionRequest, Strategy
-from worker.secrets import SealedStr, SecretStore
+from worker.secret_store import SealedStr, SecretStore
 from worker.store import PREFIX
 
 KIND = "vault"

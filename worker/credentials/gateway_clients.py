@@ -32,7 +32,7 @@ from worker.credentials.settings import BudgetPeriod, GatewayBackendSettings, Po
 from worker.errors import ConfigurationError, CredentialError
 from worker.models import GatewayBackend, LLMProvider
 from worker.redaction import MASK
-from worker.secrets import SealedStr
+from worker.secret_store import SealedStr
 
 _LITELLM_DURATION = {BudgetPeriod.daily: "1d", BudgetPeriod.weekly: "7d", BudgetPeriod.monthly: "30d"}
 

@@ -1,0 +1,289 @@
+"""ACP (the Agent Client Protocol, JSON-RPC) spoken to one agent through the sandbox-agent daemon.
+
+``POST /v1/acp/{server}`` sends an envelope (the first one, naming the agent, creates the server and its agent
+process); everything the agent sends back arrives in order on the server's SSE stream ``GET /v1/acp/{server}``.
+A POST can hang past the daemon's request timeout, so a reply is taken from whichever comes first. Permission
+requests from the agent are answered at once by a policy, so a headless turn never waits for a human.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import connect_sse
+
+from worker.daemon import DaemonClient, raise_for_problem
+from worker.errors import AgentError, DaemonUnreachable
+
+PermissionPolicy = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def approve_permissions(params: dict[str, Any]) -> dict[str, Any]:
+    """Headless policy: pick the first 'allow' option, so a turn never blocks on a human."""
+    options = params.get("options") or []
+    for kind in ("allow_always", "allow_once"):
+        for option in options:
+            if option.get("kind") == kind:
+                return {"outcome": {"outcome": "selected", "optionId": option["optionId"]}}
+    return {"outcome": {"outcome": "cancelled"}}
+
+
+def reject_permissions(params: dict[str, Any]) -> dict[str, Any]:
+    for option in params.get("options") or []:
+        if option.get("kind") in ("reject_once", "reject_always"):
+            return {"outcome": {"outcome": "selected", "optionId": option["optionId"]}}
+    return {"outcome": {"outcome": "cancelled"}}
+
+
+# Seconds a reply that came in a POST body waits for its copy on the event stream (and the text before it).
+STREAM_CATCH_UP = 5.0
+
+# Consecutive failures to (re)open the event stream, ~0.1 s apart, before the daemon counts as lost.
+STREAM_FAILURES = 20
+
+# Headless-safe modes by agent: the permissive mode where the agent has one, so no prompt waits for a human.
+HEADLESS_MODES: dict[str, str] = {"claude": "bypassPermissions", "codex": "full-access"}
+
+
+@dataclass
+class _Inbox:
+    """Envelopes from the agent, by JSON-RPC id, plus the text chunks of each session."""
+
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    responses: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    chunks: dict[str, list[str]] = field(default_factory=dict)
+    exited: dict[str, Any] | None = None
+    lost: str | None = None  # why the stream cannot be reopened (the daemon or its sandbox is gone)
+    last_event_id: str | None = None
+
+
+class AcpConnection:
+    """One ACP server (one agent process) on the daemon, driven over HTTP with replies read from SSE."""
+
+    def __init__(
+        self,
+        client: DaemonClient,
+        server_id: str,
+        agent: str,
+        *,
+        permissions: PermissionPolicy = approve_permissions,
+    ) -> None:
+        self.client = client
+        self.server_id = server_id
+        self.agent = agent
+        self.permissions = permissions
+        self._ids = itertools.count(1)
+        self._inbox = _Inbox()
+        self._posts = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"acp-post-{server_id}")
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._path = f"/v1/acp/{server_id}"
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    def __enter__(self) -> AcpConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def detach(self) -> None:
+        """Stop reading; the agent keeps running for whoever connects next."""
+        self._stop.set()
+        self._posts.shutdown(wait=False, cancel_futures=True)
+        # The reader is not joined: it sees the flag within its one-second read timeout, or at once when the
+        # caller closes the client under it.
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def initialize(self, timeout: float) -> dict[str, Any]:
+        params = {"protocolVersion": 1, "clientInfo": {"name": "sandbox-worker", "version": "1"}}
+        # The first POST creates the server and must name the agent; the SSE stream exists only after it.
+        result = self.request("initialize", params, timeout=timeout, query={"agent": self.agent})
+        self._reader = threading.Thread(target=self._read_events, name=f"acp-sse-{self.server_id}", daemon=True)
+        self._reader.start()
+        return result
+
+    def new_session(self, cwd: str, timeout: float) -> str:
+        result = self.request("session/new", {"cwd": cwd, "mcpServers": []}, timeout=timeout)
+        session_id = result.get("sessionId")
+        if not isinstance(session_id, str) or not session_id:
+            raise AgentError(f"agent {self.agent} returned no sessionId from session/new")
+        return session_id
+
+    def set_mode(self, session_id: str, mode: str, timeout: float) -> None:
+        try:
+            self.request("session/set_mode", {"sessionId": session_id, "modeId": mode}, timeout=timeout)
+        except AgentError as exc:
+            if "-32601" not in str(exc):
+                raise
+            self.request(
+                "session/set_config_option",
+                {"sessionId": session_id, "configId": "mode", "value": mode},
+                timeout=timeout,
+            )
+
+    def set_model(self, session_id: str, model: str, timeout: float) -> None:
+        self.request(
+            "session/set_config_option", {"sessionId": session_id, "configId": "model", "value": model}, timeout=timeout
+        )
+
+    def prompt(self, session_id: str, text: str, timeout: float) -> str:
+        """Send a prompt and return the agent's text for this turn."""
+        with self._inbox.lock:
+            self._inbox.chunks[session_id] = []
+        result = self.request(
+            "session/prompt",
+            {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]},
+            timeout=timeout,
+            from_stream=True,
+        )
+        with self._inbox.lock:
+            reply = "".join(self._inbox.chunks.pop(session_id, []))
+        if result.get("stopReason") not in (None, "end_turn", "max_tokens", "max_turn_requests"):
+            raise AgentError(f"turn ended with stopReason {result.get('stopReason')!r}")
+        return reply
+
+    def request(
+        self,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float,
+        query: Mapping[str, str] | None = None,
+        from_stream: bool = False,
+    ) -> dict[str, Any]:
+        """Send a JSON-RPC request; the reply is taken from the POST body or the event stream, whichever comes
+        first. ``from_stream`` waits for the stream's copy as well (briefly, when the POST was first): the stream
+        is ordered, so everything the agent sent before its reply (the turn's text) has then arrived too."""
+        request_id = next(self._ids)
+        envelope = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        future = self._posts.submit(self._post, envelope, query, timeout)
+        deadline = time.monotonic() + timeout
+        with self._inbox.lock:
+            while True:
+                if request_id in self._inbox.responses:
+                    reply = self._inbox.responses.pop(request_id)
+                    break
+                if future.done():
+                    body = self._post_result(future, method)
+                    if body is not None:
+                        reply = body
+                        if from_stream:
+                            self._await_streamed(request_id, STREAM_CATCH_UP)
+                        break
+                if self._inbox.exited is not None:
+                    raise AgentError(f"agent {self.agent} exited during {method} ({self._inbox.exited})")
+                if self._inbox.lost is not None:
+                    raise DaemonUnreachable(f"lost the daemon during {method}: {self._inbox.lost}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AgentError(f"{method} got no reply within {timeout:g}s")
+                self._inbox.lock.wait(min(remaining, 0.1))
+        if "error" in reply:
+            error = reply["error"] or {}
+            raise AgentError(f"{method} failed: [{error.get('code')}] {error.get('message')}")
+        result: dict[str, Any] = reply.get("result") or {}
+        return result
+
+    def _await_streamed(self, request_id: int, seconds: float) -> None:
+        """With the inbox lock held: wait until the stream delivered the reply to ``request_id`` (then drop it)."""
+        deadline = time.monotonic() + seconds
+        while request_id not in self._inbox.responses and self._inbox.lost is None and self._inbox.exited is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._inbox.lock.wait(min(remaining, 0.1))
+        self._inbox.responses.pop(request_id, None)
+
+    def _post_result(self, future: Future[httpx.Response | None], method: str) -> dict[str, Any] | None:
+        try:
+            response = future.result()
+        except httpx.TimeoutException:
+            return None  # the reply will come on SSE
+        except httpx.TransportError as exc:
+            raise DaemonUnreachable(f"{method}: {type(exc).__name__}") from exc
+        if response is None or response.status_code == 202 or not response.content:
+            return None
+        raise_for_problem(response)
+        body: dict[str, Any] = response.json()
+        return body
+
+    def _post(
+        self, envelope: dict[str, Any], query: Mapping[str, str] | None = None, timeout: float = 30.0
+    ) -> httpx.Response | None:
+        try:
+            return self.client.http.post(
+                self._path,
+                params=dict(query or {}),
+                content=json.dumps(envelope),
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                timeout=timeout,
+            )
+        finally:
+            with self._inbox.lock:
+                self._inbox.lock.notify_all()
+
+    # -- the event stream -------------------------------------------------------------------------------
+    def _read_events(self) -> None:
+        failures = 0
+        while not self._stop.is_set() and self._inbox.exited is None:
+            headers: dict[str, str] = {}
+            if self._inbox.last_event_id:
+                headers["Last-Event-ID"] = self._inbox.last_event_id
+            problem = None
+            try:
+                with connect_sse(
+                    self.client.http, "GET", self._path, headers=headers, timeout=httpx.Timeout(10.0, read=1.0)
+                ) as events:
+                    if events.response.status_code == 200:
+                        failures = 0
+                        for event in events.iter_sse():
+                            if self._stop.is_set():
+                                break
+                            self._inbox.last_event_id = event.id or self._inbox.last_event_id
+                            self._dispatch(event.data)
+                    else:
+                        problem = f"event stream answered {events.response.status_code}"
+            except httpx.ReadTimeout:
+                continue  # no event in the last second: look at the stop flag and resume from Last-Event-ID
+            except Exception as exc:  # a closed client or a broken stream: resume unless we were told to stop
+                problem = f"event stream failed: {type(exc).__name__}"
+            if problem is None or self._stop.is_set():
+                continue
+            failures += 1
+            if failures >= STREAM_FAILURES:
+                with self._inbox.lock:
+                    self._inbox.lost = problem
+                    self._inbox.lock.notify_all()
+                return
+            time.sleep(0.1)
+
+    def _dispatch(self, data: str) -> None:
+        try:
+            envelope = json.loads(data)
+        except ValueError:
+            return
+        method = envelope.get("method")
+        with self._inbox.lock:
+            if method is None and "id" in envelope:
+                self._inbox.responses[envelope["id"]] = envelope
+            elif method == "session/update":
+                params = envelope.get("params") or {}
+                update = params.get("update") or {}
+                if update.get("sessionUpdate") == "agent_message_chunk":
+                    content = update.get("content") or {}
+                    if content.get("type") == "text":
+                        self._inbox.chunks.setdefault(params.get("sessionId", ""), []).append(content.get("text", ""))
+            elif method == "_adapter/agent_exited":
+                self._inbox.exited = envelope.get("params") or {}
+            self._inbox.lock.notify_all()
+        if method == "session/request_permission" and "id" in envelope:
+            answer = self.permissions(envelope.get("params") or {})
+            self._posts.submit(self._post, {"jsonrpc": "2.0", "id": envelope["id"], "result": answer})

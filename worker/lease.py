@@ -1,0 +1,78 @@
+"""The lease on a request: which worker brings it up, held in Redis and renewed by a heartbeat thread.
+
+Delivery is at least once and workers die anywhere, so exactly one worker at a time may work on a request. The
+lease is a redis-py :class:`~redis.lock.Lock` whose token is the worker's id: it expires unless renewed, so a
+worker that died frees the request within ``lease_seconds`` and a redelivery takes it over. A heartbeat renews it
+(and whatever else the bring-up holds, through ``on_beat``) a few times per lease period; a renewal that finds the
+lease gone sets :attr:`Lease.lost`, and the pipeline stops at its next checkpoint and touches nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import redis
+import structlog
+from redis.exceptions import LockError
+
+from worker.store import Store
+
+log = structlog.get_logger(__name__)
+
+
+class Lease:
+    def __init__(
+        self,
+        store: Store,
+        request_id: str,
+        holder: str,
+        seconds: float,
+        *,
+        on_beat: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.request_id = request_id
+        self.seconds = seconds
+        self.lost = threading.Event()
+        self._lock = store.lease(request_id, seconds)
+        self._holder = holder
+        self._on_beat = on_beat
+
+    def acquire(self) -> bool:
+        """Take the lease if nobody holds it; never waits."""
+        return bool(self._lock.acquire(blocking=False, token=self._holder))
+
+    def release(self) -> None:
+        """Give the lease back if we still hold it (one that ran out and was taken over stays with its taker)."""
+        with contextlib.suppress(LockError):
+            self._lock.release()
+
+    def _renew(self) -> bool:
+        try:
+            return bool(self._lock.reacquire())
+        except LockError:  # expired, or someone else holds it now
+            return False
+
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Renew the lease (and ``on_beat``) while the block runs, so a live bring-up is never taken over."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.seconds / 3):
+                try:
+                    if not self._renew():
+                        self.lost.set()
+                        return
+                    self._on_beat()
+                except redis.RedisError as exc:  # Redis away beyond its retries: keep beating while the lease may hold
+                    log.warning("heartbeat failed", error=type(exc).__name__)
+
+        thread = threading.Thread(target=beat, name=f"lease-{self.request_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)

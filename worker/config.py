@@ -11,7 +11,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from providers.config import DaytonaConfig, DockerConfig, E2BConfig
+from providers.daytona import DaytonaConfig
+from providers.docker import DockerConfig
+from providers.e2b import E2BConfig
 from worker import pins
 from worker.credentials.settings import CredentialsSettings
 from worker.fleet import FleetConfig

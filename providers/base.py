@@ -21,6 +21,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.errors import ProviderError, ProviderUnavailable
+
 # Label keys carried by every sandbox we start. E2B filters metadata with a double-encoded query, so keys and
 # values are kept to [A-Za-z0-9_-] (request and tenant ids are validated to that alphabet).
 LABEL_OWNER = "sandbox-worker-owner"
@@ -108,7 +110,7 @@ class Provider(ABC):
     their SDK's exceptions (and raw transport errors) to :mod:`worker.errors`.
 
     A driver sets ``name`` (its registry name) and ``config_model``, takes an instance of that model in its
-    constructor, and implements the abstract methods."""
+    constructor, and implements the abstract methods; :meth:`spawn` is built on :meth:`exec` here."""
 
     name: ClassVar[str]
     config_model: ClassVar[type[ProviderConfig]]
@@ -137,7 +139,6 @@ class Provider(ABC):
     ) -> ExecResult:
         """Run a command to completion. A non-zero exit is a result, not an exception."""
 
-    @abstractmethod
     def spawn(
         self,
         sandbox: Sandbox,
@@ -148,7 +149,31 @@ class Provider(ABC):
         log_path: str,
     ) -> None:
         """Start a long-running process (the daemon) in the background and return at once. ``env`` may hold
-        secrets: it must reach the process environment only, never argv, labels or the sandbox's own env."""
+        secrets: it must reach the process environment only, never argv, labels or the sandbox's own env.
+
+        A launcher (:func:`detached_command`) is run with :meth:`exec`, ``env`` as that one command's
+        environment (a docker exec's ``Env``, E2B's ``envs``, Daytona's ``process.exec`` body: never the
+        command line nor the sandbox's env), which the backgrounded process inherits. The launcher exits as
+        soon as the process is in the background, so the call is bounded by ``request_timeout`` and the
+        driver's own command deadline never reaches the process. A launcher that fails (a ``cwd`` it cannot
+        create) is a :class:`ProviderError`; one that does not finish in time is transient.
+        """
+        timeout = self.config.request_timeout
+        launcher = detached_command(argv, cwd=cwd, log_path=log_path)
+        result = self.exec(sandbox, ["sh", "-c", launcher], env=env, timeout=timeout)
+        if result.exit_code == EXIT_KILLED_AT_TIMEOUT:
+            raise ProviderUnavailable(
+                f"{self.name} spawn failed: the launch command did not finish within {timeout:g}s",
+                provider=self.name,
+                sandbox_id=sandbox.sandbox_id,
+            )
+        if not result:
+            output = (result.stderr or result.stdout).strip()[:200]
+            raise ProviderError(
+                f"{self.name} spawn failed: the launch command exited {result.exit_code}: {output}",
+                provider=self.name,
+                sandbox_id=sandbox.sandbox_id,
+            )
 
     @abstractmethod
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:

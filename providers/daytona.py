@@ -42,6 +42,14 @@ adoption is always scoped to this very request.
 ``stdout`` (``stderr`` is empty). A command that outlives its timeout is killed by the Daytona daemon and
 reported as exit code 137 (like the Docker driver's ``timeout -s KILL``), not as an exception.
 
+**Spawn** is :meth:`providers.base.Provider.spawn` over this ``exec``: session commands take no env, so secrets
+would have to be written into the command text, which Daytona keeps in the session's command list
+(``get_session`` shows it) and which shows up in ``ps``, and an env file would sit on disk between upload and
+chmod; ``process.exec`` carries ``env`` in the request body and the daemon sets it on that process only. The
+launcher backgrounds the daemon under nohup with its output in the log file and stdin from /dev/null, so the
+exec returns at once and the daemon, reparented, keeps running; this is the SDK's documented way to start a
+server.
+
 The SDK (and its transports, aiohttp and urllib3) is imported where it is called, so :class:`DaytonaConfig`
 loads without it.
 """
@@ -70,16 +78,7 @@ from pydantic import Field, SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_random_exponential
 
-from providers.base import (
-    EXIT_KILLED_AT_TIMEOUT,
-    Endpoint,
-    ExecResult,
-    Provider,
-    ProviderConfig,
-    Sandbox,
-    SandboxSpec,
-    detached_command,
-)
+from providers.base import EXIT_KILLED_AT_TIMEOUT, Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker.errors import (
     ConfigurationError,
     ProviderAuthError,
@@ -639,39 +638,6 @@ class DaytonaProvider(Provider):
         return self._call(
             "exec", work, timeout=seconds + 5 + self.config.request_timeout, sandbox_id=sandbox.sandbox_id
         )
-
-    def spawn(
-        self,
-        sandbox: Sandbox,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        log_path: str,
-    ) -> None:
-        # Why process.exec and not a session: session commands take no env, so secrets would have to be written
-        # into the command text, which Daytona keeps in the session's command list (get_session shows it) and
-        # which shows up in `ps`; an env file would sit on disk between upload and chmod. process.exec carries
-        # `env` in the request body and the daemon sets it on that process only. detached_command backgrounds the
-        # daemon under nohup with its output in log_path and stdin from /dev/null, so the exec returns at once
-        # and the daemon, reparented, keeps running; this is the SDK's documented way to start a server.
-        command = detached_command(argv, cwd=cwd, log_path=log_path)
-        seconds = max(1, math.ceil(self.config.request_timeout))
-
-        async def work(client: AsyncDaytona) -> tuple[int, str]:
-            handle = await self._handle(client, sandbox.sandbox_id)
-            response = await handle.process.exec(command, env=dict(env), timeout=seconds)
-            return (response.exit_code if response.exit_code is not None else -1), response.result or ""
-
-        exit_code, output = self._call(
-            "spawn", work, timeout=seconds + 5 + self.config.request_timeout, sandbox_id=sandbox.sandbox_id
-        )
-        if exit_code != 0:
-            raise ProviderError(
-                f"daytona spawn failed: the launch command exited {exit_code}: {output.strip()[:200]}",
-                provider=PROVIDER,
-                sandbox_id=sandbox.sandbox_id,
-            )
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         # Upload timeout in whole seconds: the request timeout plus one second per MiB.

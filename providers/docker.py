@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec, detached_command
+from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker import pins
 from worker.errors import (
     InvalidRequest,
@@ -175,21 +175,6 @@ class DockerProvider(Provider):
         return ExecResult(
             int(exit_code), (stdout or b"").decode(errors="replace"), (stderr or b"").decode(errors="replace")
         )
-
-    def spawn(
-        self,
-        sandbox: Sandbox,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        log_path: str,
-    ) -> None:
-        container = self._container(sandbox.sandbox_id)
-        with _map_docker_errors(sandbox.sandbox_id):
-            container.exec_run(
-                ["sh", "-c", detached_command(argv, cwd=cwd, log_path=log_path)], environment=dict(env), detach=True
-            )
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         parent, _, name = path.rpartition("/")

@@ -10,10 +10,10 @@ on, and why (see ../shared/reference/e2b-daytona.md):
 - Commands run under ``timeout -s KILL`` inside the sandbox, so a command that overruns is a result (exit 137)
   as with the Docker driver; the SDK's stream deadline, a few seconds later, is only the backstop for a
   sandbox that stopped answering.
-- The daemon is started by a short launcher (:func:`providers.base.detached_command`) that puts it in the
-  background with its output on the log file and exits at once, so envd's command deadline and stream never
-  touch the daemon itself (the SDK's ``background=True, timeout=0`` would leave the wait for the first event
-  unbounded). Its secrets travel only as that command's ``envs``.
+- The daemon is started by :meth:`providers.base.Provider.spawn`: a short launcher, run with :meth:`exec`,
+  that puts it in the background with its output on the log file and exits at once, so envd's command deadline
+  and stream never touch the daemon itself (the SDK's ``background=True, timeout=0`` would leave the wait for
+  the first event unbounded). Its secrets travel only as that command's ``envs``.
 - ``get_host(port)`` is computed by the SDK without a scheme: the endpoint is ``{port_scheme}://{host}``, or
   ``port_proxy_url`` with a ``Host`` header when DNS for the sandbox domain is not available.
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 from pydantic import Field, SecretStr
 
-from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec, detached_command
+from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker.errors import (
     ConfigurationError,
     ProviderAuthError,
@@ -298,21 +298,6 @@ class E2BProvider(Provider):
                 return ExecResult(exc.exit_code, exc.stdout or "", exc.stderr or "")
         return ExecResult(result.exit_code, result.stdout or "", result.stderr or "")
 
-    def spawn(
-        self,
-        sandbox: Sandbox,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        log_path: str,
-    ) -> None:
-        handle = self._handle(sandbox.sandbox_id)
-        # The launcher exits as soon as the daemon is in the background, so waiting for it is bounded by the request
-        # timeout, and envd's deadline for it never reaches the daemon. Secrets ride only in this command's envs.
-        with _map_e2b_errors("spawn", sandbox.sandbox_id):
-            self._run_checked(handle, detached_command(argv, cwd=cwd, log_path=log_path), "spawn", envs=dict(env))
-
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         handle = self._handle(sandbox.sandbox_id)
         with _map_e2b_errors("upload", sandbox.sandbox_id):
@@ -320,13 +305,13 @@ class E2BProvider(Provider):
             handle.files.write(path, data, request_timeout=self.config.request_timeout)
             self._run_checked(handle, shlex.join(["chmod", f"{mode:o}", path]), "upload")
 
-    def _run_checked(self, handle: e2b.Sandbox, command: str, action: str, envs: dict[str, str] | None = None) -> None:
+    def _run_checked(self, handle: e2b.Sandbox, command: str, action: str) -> None:
         """Run a short helper command; its non-zero exit is the action's failure."""
         import e2b
 
         try:
             handle.commands.run(
-                command, envs=envs, timeout=self.config.request_timeout, request_timeout=self.config.request_timeout
+                command, timeout=self.config.request_timeout, request_timeout=self.config.request_timeout
             )
         except e2b.CommandExitException as exc:
             raise ProviderError(

@@ -5,6 +5,10 @@ Celery, of credentials or of the daemon protocol: it starts a sandbox from a :cl
 commands in it, uploads files, says how to reach a port, stops it, and lists the sandboxes it owns by label.
 Every SDK exception is translated at the driver boundary into :mod:`worker.errors` classes, so callers
 decide transient versus permanent in one place.
+
+A driver module holds its config model (a :class:`ProviderConfig`) next to its driver class and imports its
+SDK only inside the functions that call it, so loading the settings never needs the SDK (see
+``providers/__init__.py``, the registry).
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.errors import ProviderError, ProviderUnavailable
+
 # Label keys carried by every sandbox we start. E2B filters metadata with a double-encoded query, so keys and
 # values are kept to [A-Za-z0-9_-] (request and tenant ids are validated to that alphabet).
 LABEL_OWNER = "sandbox-worker-owner"
@@ -22,6 +30,19 @@ LABEL_REQUEST_ID = "sandbox-worker-request-id"
 LABEL_TENANT_ID = "sandbox-worker-tenant-id"
 LABEL_CREATED_AT = "sandbox-worker-created-at"
 LABEL_EXPIRES_AT = "sandbox-worker-expires-at"
+
+# The exit code of a command killed at its deadline (SIGKILL: `timeout -s KILL` and Daytona's daemon alike).
+EXIT_KILLED_AT_TIMEOUT = 137
+
+
+class ProviderConfig(BaseModel):
+    """Settings every driver takes; a driver's own config model extends it and becomes one
+    ``SANDBOX_WORKER_<PROVIDER>__*`` block of :class:`worker.config.Settings`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_timeout: float = Field(30.0, gt=0, description="Seconds allowed for one provider API call.")
+    start_timeout: float = Field(120.0, gt=0, description="Seconds allowed for a sandbox to start.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +81,8 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
+    """A finished command. Drivers that cannot separate the streams put everything in ``stdout``."""
+
     exit_code: int
     stdout: str
     stderr: str
@@ -84,9 +107,17 @@ def detached_command(argv: Sequence[str], *, cwd: str, log_path: str) -> str:
 
 class Provider(ABC):
     """One sandbox backend. Implementations must be safe to call from one thread at a time and must map
-    their SDK's exceptions (and raw transport errors) to :mod:`worker.errors`."""
+    their SDK's exceptions (and raw transport errors) to :mod:`worker.errors`.
+
+    A driver sets ``name`` (its registry name) and ``config_model``, takes an instance of that model in its
+    constructor, and implements the abstract methods; :meth:`spawn` is built on :meth:`exec` here."""
 
     name: ClassVar[str]
+    config_model: ClassVar[type[ProviderConfig]]
+    config: ProviderConfig
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
 
     @abstractmethod
     def start(self, spec: SandboxSpec) -> Sandbox:
@@ -108,7 +139,6 @@ class Provider(ABC):
     ) -> ExecResult:
         """Run a command to completion. A non-zero exit is a result, not an exception."""
 
-    @abstractmethod
     def spawn(
         self,
         sandbox: Sandbox,
@@ -119,7 +149,31 @@ class Provider(ABC):
         log_path: str,
     ) -> None:
         """Start a long-running process (the daemon) in the background and return at once. ``env`` may hold
-        secrets: it must reach the process environment only, never argv, labels or the sandbox's own env."""
+        secrets: it must reach the process environment only, never argv, labels or the sandbox's own env.
+
+        A launcher (:func:`detached_command`) is run with :meth:`exec`, ``env`` as that one command's
+        environment (a docker exec's ``Env``, E2B's ``envs``, Daytona's ``process.exec`` body: never the
+        command line nor the sandbox's env), which the backgrounded process inherits. The launcher exits as
+        soon as the process is in the background, so the call is bounded by ``request_timeout`` and the
+        driver's own command deadline never reaches the process. A launcher that fails (a ``cwd`` it cannot
+        create) is a :class:`ProviderError`; one that does not finish in time is transient.
+        """
+        timeout = self.config.request_timeout
+        launcher = detached_command(argv, cwd=cwd, log_path=log_path)
+        result = self.exec(sandbox, ["sh", "-c", launcher], env=env, timeout=timeout)
+        if result.exit_code == EXIT_KILLED_AT_TIMEOUT:
+            raise ProviderUnavailable(
+                f"{self.name} spawn failed: the launch command did not finish within {timeout:g}s",
+                provider=self.name,
+                sandbox_id=sandbox.sandbox_id,
+            )
+        if not result:
+            output = (result.stderr or result.stdout).strip()[:200]
+            raise ProviderError(
+                f"{self.name} spawn failed: the launch command exited {result.exit_code}: {output}",
+                provider=self.name,
+                sandbox_id=sandbox.sandbox_id,
+            )
 
     @abstractmethod
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:

@@ -13,8 +13,8 @@ grace), so no call can hang the caller, and no signal handler or async exception
 and client are created lazily and rebuilt after a fork (a Celery prefork child never reuses its parent's
 loop thread, which does not exist in the child).
 
-**Configuration** is bound per client from :class:`~providers.config.DaytonaConfig` (api key, API URL,
-target), never from the process environment. One SDK quirk: when ``target`` is unset the SDK still falls
+**Configuration** is bound per client from :class:`DaytonaConfig` (api key, API URL, target), never from
+the process environment. One SDK quirk: when ``target`` is unset the SDK still falls
 back to ``DAYTONA_TARGET`` (process env or a ``.env`` file in the working directory) before the organisation
 default.
 
@@ -41,6 +41,17 @@ adoption is always scoped to this very request.
 **Exec.** ``process.exec`` returns stdout and stderr combined: :class:`ExecResult` carries it all in
 ``stdout`` (``stderr`` is empty). A command that outlives its timeout is killed by the Daytona daemon and
 reported as exit code 137 (like the Docker driver's ``timeout -s KILL``), not as an exception.
+
+**Spawn** is :meth:`providers.base.Provider.spawn` over this ``exec``: session commands take no env, so secrets
+would have to be written into the command text, which Daytona keeps in the session's command list
+(``get_session`` shows it) and which shows up in ``ps``, and an env file would sit on disk between upload and
+chmod; ``process.exec`` carries ``env`` in the request body and the daemon sets it on that process only. The
+launcher backgrounds the daemon under nohup with its output in the log file and stdin from /dev/null, so the
+exec returns at once and the daemon, reparented, keeps running; this is the SDK's documented way to start a
+server.
+
+The SDK (and its transports, aiohttp and urllib3) is imported where it is called, so :class:`DaytonaConfig`
+loads without it.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import email.utils
+import functools
 import math
 import os
 import shlex
@@ -57,43 +69,16 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
-import aiohttp
 import httpx
 import pydantic
 import structlog
-import urllib3.exceptions
-from daytona import (
-    AsyncDaytona,
-    AsyncSandbox,
-    CreateSandboxFromImageParams,
-    CreateSandboxFromSnapshotParams,
-    DaytonaAuthenticationError,
-    DaytonaBadGatewayError,
-    DaytonaConnectionError,
-    DaytonaError,
-    DaytonaFileAccessDeniedError,
-    DaytonaFileNotFoundError,
-    DaytonaForbiddenError,
-    DaytonaGitAuthFailedError,
-    DaytonaInternalServerError,
-    DaytonaNotFoundError,
-    DaytonaProcessExecutionTimeoutError,
-    DaytonaProcessNotFoundError,
-    DaytonaRateLimitError,
-    DaytonaServiceUnavailableError,
-    DaytonaSpotEvictedError,
-    DaytonaTimeoutError,
-    ListSandboxesQuery,
-    Resources,
-)
-from daytona import DaytonaConfig as SdkConfig
+from pydantic import Field, SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_random_exponential
 
-from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec, detached_command
-from providers.config import DaytonaConfig
+from providers.base import EXIT_KILLED_AT_TIMEOUT, Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker.errors import (
     ConfigurationError,
     ProviderAuthError,
@@ -103,6 +88,10 @@ from worker.errors import (
     SandboxGone,
 )
 
+if TYPE_CHECKING:
+    import daytona
+    from daytona import AsyncDaytona, AsyncSandbox, CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams
+
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
@@ -110,8 +99,6 @@ T = TypeVar("T")
 PROVIDER = "daytona"
 LABEL_IDEMPOTENCY_KEY = "sandbox-worker-idempotency-key"
 PREVIEW_TOKEN_HEADER = "X-Daytona-Preview-Token"  # noqa: S105 - a header name, not a secret
-# Exit code reported for a command killed at its timeout (SIGKILL, as `timeout -s KILL` reports it).
-EXIT_TIMED_OUT = 137
 # Seconds the bridge waits beyond an SDK call's own timeout before it gives up on the coroutine.
 _BRIDGE_GRACE = 10.0
 # A Retry-After longer than this is not honoured in full (the Celery-level retry takes over instead).
@@ -131,6 +118,9 @@ def _caused_by_transport(exc: BaseException) -> bool:
     """Whether a transport failure (refused connection, reset, read timeout) is in ``exc``'s cause chain.
     The sync SDK surfaces a refused connection as a bare ``DaytonaError`` caused by urllib3's ``MaxRetryError``;
     the async one as aiohttp ``ClientError``s."""
+    import aiohttp
+    import urllib3.exceptions
+
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -149,24 +139,31 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-# Ordered: subclasses before their bases (a file that is missing is not a sandbox that is gone).
-_BY_CLASS: tuple[tuple[tuple[type[DaytonaError], ...], type[ProviderError]], ...] = (
-    ((DaytonaFileAccessDeniedError, DaytonaGitAuthFailedError), ProviderError),  # in-sandbox permissions
-    ((DaytonaAuthenticationError, DaytonaForbiddenError), ProviderAuthError),
-    ((DaytonaRateLimitError,), ProviderRateLimited),
-    ((DaytonaFileNotFoundError, DaytonaProcessNotFoundError), ProviderError),
-    ((DaytonaNotFoundError, DaytonaSpotEvictedError), SandboxGone),
-    (
+_ErrorTable = tuple[tuple[tuple[type[BaseException], ...], type[ProviderError]], ...]
+
+
+@functools.cache
+def _by_class() -> _ErrorTable:
+    """Ordered: subclasses before their bases (a file that is missing is not a sandbox that is gone)."""
+    import daytona
+
+    return (
+        ((daytona.DaytonaFileAccessDeniedError, daytona.DaytonaGitAuthFailedError), ProviderError),  # in-sandbox
+        ((daytona.DaytonaAuthenticationError, daytona.DaytonaForbiddenError), ProviderAuthError),
+        ((daytona.DaytonaRateLimitError,), ProviderRateLimited),
+        ((daytona.DaytonaFileNotFoundError, daytona.DaytonaProcessNotFoundError), ProviderError),
+        ((daytona.DaytonaNotFoundError, daytona.DaytonaSpotEvictedError), SandboxGone),
         (
-            DaytonaTimeoutError,
-            DaytonaConnectionError,
-            DaytonaInternalServerError,
-            DaytonaBadGatewayError,
-            DaytonaServiceUnavailableError,
+            (
+                daytona.DaytonaTimeoutError,
+                daytona.DaytonaConnectionError,
+                daytona.DaytonaInternalServerError,
+                daytona.DaytonaBadGatewayError,
+                daytona.DaytonaServiceUnavailableError,
+            ),
+            ProviderUnavailable,
         ),
-        ProviderUnavailable,
-    ),
-)
+    )
 
 
 def _class_for_status(status: int) -> type[ProviderError]:
@@ -181,14 +178,14 @@ def _class_for_status(status: int) -> type[ProviderError]:
     return ProviderError
 
 
-def _translate(exc: DaytonaError, *, operation: str, sandbox_id: str | None) -> ProviderError:
+def _translate(exc: daytona.DaytonaError, *, operation: str, sandbox_id: str | None) -> ProviderError:
     """The most specific worker error for one SDK exception."""
     status = exc.status_code
     detail = f"daytona {operation} failed: {type(exc).__name__}"
     if status is not None:
         detail += f" (HTTP {status})"
     detail += f": {_short(exc)}"
-    error_cls = next((cls for sdk_classes, cls in _BY_CLASS if isinstance(exc, sdk_classes)), None)
+    error_cls = next((cls for sdk_classes, cls in _by_class() if isinstance(exc, sdk_classes)), None)
     if error_cls is None and status is not None:
         error_cls = _class_for_status(status)  # a bare DaytonaError with a status (file uploads raise these)
     if error_cls is None:
@@ -201,11 +198,15 @@ def _translate(exc: DaytonaError, *, operation: str, sandbox_id: str | None) -> 
 @contextlib.contextmanager
 def _map_daytona_errors(operation: str, sandbox_id: str | None = None) -> Iterator[None]:
     """Translate every SDK exception, raw transport error and bridge timeout into :mod:`worker.errors`."""
+    import aiohttp
+    import daytona
+    import urllib3.exceptions
+
     try:
         yield
     except ProviderError:
         raise
-    except DaytonaError as exc:
+    except daytona.DaytonaError as exc:
         raise _translate(exc, operation=operation, sandbox_id=sandbox_id) from exc
     except (aiohttp.ClientError, httpx.TransportError, urllib3.exceptions.HTTPError, TimeoutError, OSError) as exc:
         # TimeoutError covers asyncio's and concurrent.futures' (aliases since 3.11): the bridge's deadline.
@@ -281,12 +282,14 @@ def _retry_after(exc: BaseException | None) -> float | None:
 def _retryable_create(exc: BaseException) -> bool:
     """Transient create failures. The SDK's own wall-clock timeout is not one: the sandbox exists but did
     not start in time, and the driver removes it instead."""
-    if not isinstance(exc, DaytonaError):
+    import daytona
+
+    if not isinstance(exc, daytona.DaytonaError):
         return False
-    if isinstance(exc, DaytonaConnectionError):
+    if isinstance(exc, daytona.DaytonaConnectionError):
         return True
     if exc.status_code is None:
-        return not isinstance(exc, DaytonaTimeoutError) and _caused_by_transport(exc)
+        return not isinstance(exc, daytona.DaytonaTimeoutError) and _caused_by_transport(exc)
     return exc.status_code in _RETRYABLE_CREATE_STATUSES
 
 
@@ -297,10 +300,38 @@ def _created_at(sandbox: AsyncSandbox) -> str:
 # --------------------------------------------------------------------------------------------- driver
 
 
+class DaytonaConfig(ProviderConfig):
+    """Daytona (daytona SDK)."""
+
+    api_key: SecretStr | None = Field(None, description="Daytona API key.")
+    api_url: str = Field("https://app.daytona.io/api", description="Daytona API URL.")
+    target: str | None = Field(None, description="Region; the organisation default when unset.")
+    snapshot: str | None = Field("sandbox-worker", description="Snapshot with the daemon preinstalled.")
+    image: str | None = Field(None, description="Image to build from instead of a snapshot.")
+    auto_delete_minutes: int = Field(
+        0, ge=-1, description="Minutes after stop before Daytona deletes the sandbox (0 = at once)."
+    )
+    create_attempts: int = Field(
+        4,
+        ge=1,
+        le=10,
+        description="Create attempts on 429/502/503/504 and connection errors (the SDK retries no statuses); "
+        "each retry first adopts a sandbox the failed attempt may have created.",
+    )
+    create_backoff: float = Field(
+        0.5, gt=0, description="Initial seconds of the jittered exponential backoff between create attempts."
+    )
+    create_backoff_max: float = Field(
+        10.0, gt=0, description="Cap in seconds of one backoff wait (a Retry-After answer may ask for more, up to 60)."
+    )
+
+
 class DaytonaProvider(Provider):
     """Daytona sandboxes through ``AsyncDaytona`` on a private event loop (see the module docstring)."""
 
     name: ClassVar[str] = PROVIDER
+    config_model: ClassVar[type[ProviderConfig]] = DaytonaConfig
+    config: DaytonaConfig
 
     def __init__(self, config: DaytonaConfig) -> None:
         if config.api_key is None or not config.api_key.get_secret_value():
@@ -330,11 +361,13 @@ class DaytonaProvider(Provider):
 
     async def _new_client(self) -> AsyncDaytona:
         # Built on the loop: the SDK binds its aiohttp session and event subscription to the running loop.
+        import daytona
+
         assert self.config.api_key is not None
-        sdk_config = SdkConfig(
+        sdk_config = daytona.DaytonaConfig(
             api_key=self.config.api_key.get_secret_value(), api_url=self.config.api_url, target=self.config.target
         )
-        return AsyncDaytona(sdk_config)
+        return daytona.AsyncDaytona(sdk_config)
 
     def _call(
         self,
@@ -345,12 +378,14 @@ class DaytonaProvider(Provider):
         sandbox_id: str | None = None,
     ) -> T:
         """Run ``work(client)`` on the loop with an outer deadline, mapping every failure."""
+        import daytona
+
         loop, client = self._ensure_client()
 
         async def guarded() -> T:
             try:
                 return await work(client)
-            except (DaytonaNotFoundError, DaytonaSpotEvictedError):
+            except (daytona.DaytonaNotFoundError, daytona.DaytonaSpotEvictedError):
                 if sandbox_id is not None:  # forget the cached handle of a sandbox that is gone
                     self._handles.pop(sandbox_id, None)
                 raise
@@ -384,6 +419,8 @@ class DaytonaProvider(Provider):
     def _create_params(
         self, spec: SandboxSpec, labels: Mapping[str, str]
     ) -> CreateSandboxFromSnapshotParams | CreateSandboxFromImageParams:
+        import daytona
+
         minutes = _minutes(spec.ttl_seconds)
         common: dict[str, Any] = {
             "env_vars": dict(spec.env),
@@ -397,12 +434,12 @@ class DaytonaProvider(Provider):
         if spec.image is None and self.config.image is not None:
             resources = None
             if spec.cpu is not None or spec.memory_mb is not None:
-                resources = Resources(
+                resources = daytona.Resources(
                     cpu=math.ceil(spec.cpu) if spec.cpu is not None else None,
                     memory=math.ceil(spec.memory_mb / 1024) if spec.memory_mb is not None else None,
                 )
-            return CreateSandboxFromImageParams(image=self.config.image, resources=resources, **common)
-        return CreateSandboxFromSnapshotParams(snapshot=spec.image or self.config.snapshot, **common)
+            return daytona.CreateSandboxFromImageParams(image=self.config.image, resources=resources, **common)
+        return daytona.CreateSandboxFromSnapshotParams(snapshot=spec.image or self.config.snapshot, **common)
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         key = spec.idempotency_key or uuid.uuid4().hex
@@ -432,6 +469,8 @@ class DaytonaProvider(Provider):
         *,
         adopt_first: bool,
     ) -> AsyncSandbox:
+        import daytona
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout
         retrying = AsyncRetrying(
@@ -448,12 +487,12 @@ class DaytonaProvider(Provider):
         )
         try:
             return await self._create_attempts(client, params, key, retrying, deadline, adopt_first=adopt_first)
-        except (DaytonaAuthenticationError, DaytonaForbiddenError):
+        except (daytona.DaytonaAuthenticationError, daytona.DaytonaForbiddenError):
             raise  # nothing can have been created
-        except DaytonaError:
+        except daytona.DaytonaError:
             # A create the API accepted may have failed on the way back (or not started in time): remove whatever
             # exists under this request's key rather than leave it running until its TTL.
-            with contextlib.suppress(DaytonaError, TimeoutError):
+            with contextlib.suppress(daytona.DaytonaError, TimeoutError):
                 await asyncio.wait_for(self._cleanup_key(client, key), 2 * self.config.request_timeout)
             raise
 
@@ -467,6 +506,8 @@ class DaytonaProvider(Provider):
         *,
         adopt_first: bool,
     ) -> AsyncSandbox:
+        import daytona
+
         loop = asyncio.get_running_loop()
         async for attempt in retrying:
             with attempt:
@@ -477,7 +518,7 @@ class DaytonaProvider(Provider):
                 remaining = max(1.0, deadline - loop.time())
                 try:
                     handle = await client.create(params.model_copy(deep=True), timeout=remaining)
-                except DaytonaTimeoutError as exc:
+                except daytona.DaytonaTimeoutError as exc:
                     if exc.sandbox_id:  # created but not started in time: do not leave it behind
                         await self._delete_quietly(client, exc.sandbox_id)
                     raise
@@ -487,10 +528,12 @@ class DaytonaProvider(Provider):
 
     async def _adopt(self, key: str, client: AsyncDaytona, deadline: float) -> AsyncSandbox | None:
         """The live sandbox an earlier attempt created for this idempotency key, started; duplicates removed."""
+        import daytona
+
         found = [
             sandbox
             async for sandbox in client.list(
-                ListSandboxesQuery(labels={LABEL_IDEMPOTENCY_KEY: key}, limit=_LIST_PAGE_SIZE),
+                daytona.ListSandboxesQuery(labels={LABEL_IDEMPOTENCY_KEY: key}, limit=_LIST_PAGE_SIZE),
                 request_timeout=self.config.request_timeout,
             )
             if _state_name(sandbox.state) not in _NOT_ADOPTABLE
@@ -510,27 +553,33 @@ class DaytonaProvider(Provider):
         return keep
 
     async def _cleanup_key(self, client: AsyncDaytona, key: str) -> None:
-        query = ListSandboxesQuery(labels={LABEL_IDEMPOTENCY_KEY: key}, limit=_LIST_PAGE_SIZE)
+        import daytona
+
+        query = daytona.ListSandboxesQuery(labels={LABEL_IDEMPOTENCY_KEY: key}, limit=_LIST_PAGE_SIZE)
         leftovers = [s.id async for s in client.list(query, request_timeout=self.config.request_timeout)]
         for sandbox_id in leftovers:
             log.warning("daytona.create.leftover_removed", sandbox_id=sandbox_id)
             await self._delete_quietly(client, sandbox_id)
 
     async def _delete_quietly(self, client: AsyncDaytona, sandbox_id: str) -> None:
+        import daytona
+
         try:
             handle = await client.get(sandbox_id, request_timeout=self.config.request_timeout)
             await handle.delete(timeout=self.config.request_timeout)
-        except DaytonaError as exc:
+        except daytona.DaytonaError as exc:
             log.warning("daytona.cleanup_failed", sandbox_id=sandbox_id, error=type(exc).__name__)
         self._handles.pop(sandbox_id, None)
 
     # ------------------------------------------------------------------------ lookups
 
     def find(self, sandbox_id: str) -> Sandbox | None:
+        import daytona
+
         async def work(client: AsyncDaytona) -> AsyncSandbox | None:
             try:
                 handle = await client.get(sandbox_id, request_timeout=self.config.request_timeout)
-            except DaytonaNotFoundError:
+            except daytona.DaytonaNotFoundError:
                 self._handles.pop(sandbox_id, None)
                 return None
             if _state_name(handle.state) in _GONE_STATES:
@@ -543,7 +592,9 @@ class DaytonaProvider(Provider):
         return None if handle is None else self._sandbox(handle)
 
     def list_owned(self, labels: Mapping[str, str]) -> list[Sandbox]:
-        query = ListSandboxesQuery(labels=dict(labels), limit=_LIST_PAGE_SIZE)
+        import daytona
+
+        query = daytona.ListSandboxesQuery(labels=dict(labels), limit=_LIST_PAGE_SIZE)
 
         async def work(client: AsyncDaytona) -> list[Sandbox]:
             return [
@@ -566,6 +617,8 @@ class DaytonaProvider(Provider):
         cwd: str | None = None,
         timeout: float = 60.0,
     ) -> ExecResult:
+        import daytona
+
         if not argv:
             raise ValueError("argv must not be empty")
         # The daemon runs the command with the sandbox's shell: quote every argument.
@@ -576,8 +629,8 @@ class DaytonaProvider(Provider):
             handle = await self._handle(client, sandbox.sandbox_id)
             try:
                 response = await handle.process.exec(command, cwd=cwd, env=dict(env) if env else None, timeout=seconds)
-            except DaytonaProcessExecutionTimeoutError:
-                return ExecResult(EXIT_TIMED_OUT, "", f"command timed out after {seconds}s and was killed")
+            except daytona.DaytonaProcessExecutionTimeoutError:
+                return ExecResult(EXIT_KILLED_AT_TIMEOUT, "", f"command timed out after {seconds}s and was killed")
             exit_code = response.exit_code if response.exit_code is not None else -1
             return ExecResult(int(exit_code), response.result or "", "")
 
@@ -585,39 +638,6 @@ class DaytonaProvider(Provider):
         return self._call(
             "exec", work, timeout=seconds + 5 + self.config.request_timeout, sandbox_id=sandbox.sandbox_id
         )
-
-    def spawn(
-        self,
-        sandbox: Sandbox,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        log_path: str,
-    ) -> None:
-        # Why process.exec and not a session: session commands take no env, so secrets would have to be written
-        # into the command text, which Daytona keeps in the session's command list (get_session shows it) and
-        # which shows up in `ps`; an env file would sit on disk between upload and chmod. process.exec carries
-        # `env` in the request body and the daemon sets it on that process only. detached_command backgrounds the
-        # daemon under nohup with its output in log_path and stdin from /dev/null, so the exec returns at once
-        # and the daemon, reparented, keeps running; this is the SDK's documented way to start a server.
-        command = detached_command(argv, cwd=cwd, log_path=log_path)
-        seconds = max(1, math.ceil(self.config.request_timeout))
-
-        async def work(client: AsyncDaytona) -> tuple[int, str]:
-            handle = await self._handle(client, sandbox.sandbox_id)
-            response = await handle.process.exec(command, env=dict(env), timeout=seconds)
-            return (response.exit_code if response.exit_code is not None else -1), response.result or ""
-
-        exit_code, output = self._call(
-            "spawn", work, timeout=seconds + 5 + self.config.request_timeout, sandbox_id=sandbox.sandbox_id
-        )
-        if exit_code != 0:
-            raise ProviderError(
-                f"daytona spawn failed: the launch command exited {exit_code}: {output.strip()[:200]}",
-                provider=PROVIDER,
-                sandbox_id=sandbox.sandbox_id,
-            )
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         # Upload timeout in whole seconds: the request timeout plus one second per MiB.
@@ -641,6 +661,8 @@ class DaytonaProvider(Provider):
     # ------------------------------------------------------------------------ stop
 
     def stop(self, sandbox_id: str) -> bool:
+        import daytona
+
         async def work(client: AsyncDaytona) -> bool:
             self._handles.pop(sandbox_id, None)
             try:
@@ -648,7 +670,7 @@ class DaytonaProvider(Provider):
                 if _state_name(handle.state) in _GONE_STATES:
                     return False
                 await handle.delete(timeout=self.config.request_timeout)
-            except DaytonaNotFoundError:
+            except daytona.DaytonaNotFoundError:
                 return False
             return True
 

@@ -3,6 +3,9 @@
 The container runs the image's idle command; the daemon is started with ``exec`` so its environment
 (which may hold credentials) lives only in that process, never in the container's ``Config.Env``.
 The daemon port is published on ``publish_host`` (loopback by default) at a random host port.
+
+The docker SDK (and its transport, requests) is imported where it is called, so :class:`DockerConfig` loads
+without it.
 """
 
 from __future__ import annotations
@@ -12,15 +15,12 @@ import tarfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import docker
-import docker.errors
-import requests.exceptions
-from docker.models.containers import Container
+from pydantic import Field
 
-from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec, detached_command
-from providers.config import DockerConfig
+from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
+from worker import pins
 from worker.errors import (
     InvalidRequest,
     ProviderAuthError,
@@ -30,15 +30,40 @@ from worker.errors import (
     SandboxGone,
 )
 
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
+
 _GONE_STATES = frozenset({"removing", "exited", "dead"})
 
 # An engine behind an authorising proxy (or a TLS-protected remote engine) answers these.
 _BY_STATUS: dict[int, type[ProviderError]] = {401: ProviderAuthError, 403: ProviderAuthError, 429: ProviderRateLimited}
 
 
+class DockerConfig(ProviderConfig):
+    """The local Docker engine (docker SDK)."""
+
+    base_url: str | None = Field(None, description="Docker engine URL; DOCKER_HOST or the local socket when unset.")
+    image: str = Field(
+        pins.SANDBOX_IMAGE, description="Default image; it must contain bash (and the daemon when preinstalled)."
+    )
+    publish_host: str = Field("127.0.0.1", description="Host address the daemon port is published on.")
+    network: str | None = Field(None, description="Docker network to attach sandboxes to.")
+    idle_command: tuple[str, ...] = Field(
+        ("sleep", "infinity"),
+        description="Entrypoint that keeps the sandbox alive; the daemon is started beside it, so images whose "
+        "entrypoint is the daemon itself (or a shell that exits) work unchanged.",
+    )
+    # The engine runs the daemon as the image's default user; keep sandboxes off the host's privileges.
+    pids_limit: int = Field(512, gt=0, description="Process limit per sandbox container.")
+
+
 @contextmanager
 def _map_docker_errors(sandbox_id: str | None = None) -> Iterator[None]:
     """Translate docker SDK and transport errors into the project's tree."""
+    import docker.errors
+    import requests.exceptions
+
     try:
         yield
     except docker.errors.ImageNotFound as exc:
@@ -61,6 +86,8 @@ def _map_docker_errors(sandbox_id: str | None = None) -> Iterator[None]:
 
 class DockerProvider(Provider):
     name = "docker"
+    config_model: ClassVar[type[ProviderConfig]] = DockerConfig
+    config: DockerConfig
 
     def __init__(self, config: DockerConfig) -> None:
         self.config = config
@@ -69,6 +96,8 @@ class DockerProvider(Provider):
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
+            import docker
+
             with _map_docker_errors():
                 self._client = (
                     docker.DockerClient(base_url=self.config.base_url, timeout=int(self.config.request_timeout))
@@ -146,21 +175,6 @@ class DockerProvider(Provider):
         return ExecResult(
             int(exit_code), (stdout or b"").decode(errors="replace"), (stderr or b"").decode(errors="replace")
         )
-
-    def spawn(
-        self,
-        sandbox: Sandbox,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        log_path: str,
-    ) -> None:
-        container = self._container(sandbox.sandbox_id)
-        with _map_docker_errors(sandbox.sandbox_id):
-            container.exec_run(
-                ["sh", "-c", detached_command(argv, cwd=cwd, log_path=log_path)], environment=dict(env), detach=True
-            )
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         parent, _, name = path.rpartition("/")

@@ -10,31 +10,31 @@ on, and why (see ../shared/reference/e2b-daytona.md):
 - Commands run under ``timeout -s KILL`` inside the sandbox, so a command that overruns is a result (exit 137)
   as with the Docker driver; the SDK's stream deadline, a few seconds later, is only the backstop for a
   sandbox that stopped answering.
-- The daemon is started by a short launcher (:func:`providers.base.detached_command`) that puts it in the
-  background with its output on the log file and exits at once, so envd's command deadline and stream never
-  touch the daemon itself (the SDK's ``background=True, timeout=0`` would leave the wait for the first event
-  unbounded). Its secrets travel only as that command's ``envs``.
+- The daemon is started by :meth:`providers.base.Provider.spawn`: a short launcher, run with :meth:`exec`,
+  that puts it in the background with its output on the log file and exits at once, so envd's command deadline
+  and stream never touch the daemon itself (the SDK's ``background=True, timeout=0`` would leave the wait for
+  the first event unbounded). Its secrets travel only as that command's ``envs``.
 - ``get_host(port)`` is computed by the SDK without a scheme: the endpoint is ``{port_scheme}://{host}``, or
   ``port_proxy_url`` with a ``Host`` header when DNS for the sandbox domain is not available.
 
 Every SDK exception, and the raw httpx/pyqwest transport errors the control plane lets escape, is translated
-by :func:`_map_e2b_errors`.
+by :func:`_map_e2b_errors`. The e2b SDK is imported where it is called, so :class:`E2BConfig` loads without it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import e2b
 import httpx
+from pydantic import Field, SecretStr
 
-from providers.base import Endpoint, ExecResult, Provider, Sandbox, SandboxSpec, detached_command
-from providers.config import E2BConfig
+from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker.errors import (
     ConfigurationError,
     ProviderAuthError,
@@ -44,6 +44,9 @@ from worker.errors import (
     SandboxGone,
     SandboxWorkerError,
 )
+
+if TYPE_CHECKING:
+    import e2b
 
 PROVIDER = "e2b"
 DEFAULT_DOMAIN = "e2b.app"
@@ -68,23 +71,32 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-# Checked in order: the first entry whose types match decides. SandboxNotRunningException is a subclass of
-# TimeoutException, but no retry brings a sandbox back, so it comes first.
-_BY_TYPE: tuple[tuple[tuple[type[BaseException], ...], type[ProviderError], int | None], ...] = (
-    ((e2b.AuthenticationException,), ProviderAuthError, 401),  # not a SandboxException
-    ((e2b.ServiceBusyException,), ProviderUnavailable, 503),  # not a SandboxException either
-    ((e2b.RateLimitException,), ProviderRateLimited, 429),
-    ((e2b.SandboxNotFoundException, e2b.SandboxNotRunningException), SandboxGone, 404),
-    ((e2b.TimeoutException,), ProviderUnavailable, None),  # deadlines, SandboxUnreachableException
-    ((e2b.InvalidArgumentException,), ProviderError, 400),
-    ((e2b.NotFoundException,), ProviderError, 404),  # a file or a template: the request was wrong
-    # The control plane lets httpx errors escape unwrapped; pyqwest raises the builtin ones.
-    ((httpx.TransportError, ConnectionError, TimeoutError), ProviderUnavailable, None),
-)
+_ErrorTable = tuple[tuple[tuple[type[BaseException], ...], type[ProviderError], int | None], ...]
+
+
+@functools.cache
+def _by_type() -> _ErrorTable:
+    """Checked in order: the first entry whose types match decides. SandboxNotRunningException is a subclass of
+    TimeoutException, but no retry brings a sandbox back, so it comes first."""
+    import e2b
+
+    return (
+        ((e2b.AuthenticationException,), ProviderAuthError, 401),  # not a SandboxException
+        ((e2b.ServiceBusyException,), ProviderUnavailable, 503),  # not a SandboxException either
+        ((e2b.RateLimitException,), ProviderRateLimited, 429),
+        ((e2b.SandboxNotFoundException, e2b.SandboxNotRunningException), SandboxGone, 404),
+        ((e2b.TimeoutException,), ProviderUnavailable, None),  # deadlines, SandboxUnreachableException
+        ((e2b.InvalidArgumentException,), ProviderError, 400),
+        ((e2b.NotFoundException,), ProviderError, 404),  # a file or a template: the request was wrong
+        # The control plane lets httpx errors escape unwrapped; pyqwest raises the builtin ones.
+        ((httpx.TransportError, ConnectionError, TimeoutError), ProviderUnavailable, None),
+    )
 
 
 def _classify(exc: BaseException) -> tuple[type[ProviderError], int | None]:
-    for types, error_class, status in _BY_TYPE:
+    import e2b
+
+    for types, error_class, status in _by_type():
         if isinstance(exc, types):
             return error_class, status
     status = exc.status_code if isinstance(exc, e2b.SandboxException) else None
@@ -119,10 +131,39 @@ def _idempotency_key(key: str | None) -> str | None:
     return "sw-" + hashlib.sha256(key.encode()).hexdigest()
 
 
+class E2BConfig(ProviderConfig):
+    """E2B (e2b SDK)."""
+
+    api_key: SecretStr | None = Field(None, description="E2B API key.")
+    api_url: str | None = Field(
+        None, description="Control-plane URL; the SDK default (https://api.<domain>) when unset."
+    )
+    sandbox_url: str | None = Field(None, description="envd URL override (self-hosted E2B or a stand-in server).")
+    domain: str | None = Field(None, description="Sandbox domain; the SDK default (e2b.app) when unset.")
+    template: str = Field(
+        "sandbox-worker", description="Template with the daemon preinstalled (see docs/providers.md)."
+    )
+    port_scheme: str = Field("https", description="Scheme of the URL built from Sandbox.get_host(port).")
+    port_proxy_url: str | None = Field(
+        None,
+        description="Reach sandbox ports through this URL with a Host header instead of DNS (stand-ins, private edges).",
+    )
+    public_traffic: bool = Field(
+        True,
+        description="When false, sandbox ports only answer requests carrying the sandbox's traffic access token "
+        "(endpoint() adds it).",
+    )
+    retries: int = Field(
+        3, ge=0, description="Control-plane retries of 429/502/503/504 answers (the SDK's own, with backoff)."
+    )
+
+
 class E2BProvider(Provider):
     """Sandboxes on E2B (or anything speaking its protocols, such as tests/standins/e2b.py)."""
 
     name = PROVIDER
+    config_model: ClassVar[type[ProviderConfig]] = E2BConfig
+    config: E2BConfig
 
     def __init__(self, config: E2BConfig) -> None:
         self.config = config
@@ -134,6 +175,8 @@ class E2BProvider(Provider):
     def client(self) -> e2b.E2B:
         """The SDK client with this provider's settings bound (built on first use)."""
         if self._client is None:
+            import e2b
+
             if self.config.api_key is None:
                 raise ConfigurationError("the E2B provider needs an API key (e2b.api_key)", field="e2b.api_key")
             domain = self.config.domain or DEFAULT_DOMAIN
@@ -196,6 +239,8 @@ class E2BProvider(Provider):
         return killed
 
     def list_owned(self, labels: Mapping[str, str]) -> list[Sandbox]:
+        import e2b
+
         wanted = dict(labels)
         query = e2b.SandboxQuery(metadata=wanted, state=[e2b.SandboxState.RUNNING, e2b.SandboxState.PAUSED])
         found: list[Sandbox] = []
@@ -236,6 +281,8 @@ class E2BProvider(Provider):
         cwd: str | None = None,
         timeout: float = 60.0,
     ) -> ExecResult:
+        import e2b
+
         handle = self._handle(sandbox.sandbox_id)
         command = shlex.join(["timeout", "-s", "KILL", f"{timeout:g}", *argv])
         with _map_e2b_errors("exec", sandbox.sandbox_id):
@@ -251,21 +298,6 @@ class E2BProvider(Provider):
                 return ExecResult(exc.exit_code, exc.stdout or "", exc.stderr or "")
         return ExecResult(result.exit_code, result.stdout or "", result.stderr or "")
 
-    def spawn(
-        self,
-        sandbox: Sandbox,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str],
-        cwd: str,
-        log_path: str,
-    ) -> None:
-        handle = self._handle(sandbox.sandbox_id)
-        # The launcher exits as soon as the daemon is in the background, so waiting for it is bounded by the request
-        # timeout, and envd's deadline for it never reaches the daemon. Secrets ride only in this command's envs.
-        with _map_e2b_errors("spawn", sandbox.sandbox_id):
-            self._run_checked(handle, detached_command(argv, cwd=cwd, log_path=log_path), "spawn", envs=dict(env))
-
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         handle = self._handle(sandbox.sandbox_id)
         with _map_e2b_errors("upload", sandbox.sandbox_id):
@@ -273,11 +305,13 @@ class E2BProvider(Provider):
             handle.files.write(path, data, request_timeout=self.config.request_timeout)
             self._run_checked(handle, shlex.join(["chmod", f"{mode:o}", path]), "upload")
 
-    def _run_checked(self, handle: e2b.Sandbox, command: str, action: str, envs: dict[str, str] | None = None) -> None:
+    def _run_checked(self, handle: e2b.Sandbox, command: str, action: str) -> None:
         """Run a short helper command; its non-zero exit is the action's failure."""
+        import e2b
+
         try:
             handle.commands.run(
-                command, envs=envs, timeout=self.config.request_timeout, request_timeout=self.config.request_timeout
+                command, timeout=self.config.request_timeout, request_timeout=self.config.request_timeout
             )
         except e2b.CommandExitException as exc:
             raise ProviderError(

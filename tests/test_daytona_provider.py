@@ -14,8 +14,7 @@ from daytona import AsyncDaytona, SessionExecuteRequest
 from daytona import DaytonaConfig as SdkConfig
 
 from providers.base import LABEL_OWNER, SandboxSpec
-from providers.config import DaytonaConfig
-from providers.daytona import LABEL_IDEMPOTENCY_KEY, DaytonaProvider
+from providers.daytona import LABEL_IDEMPOTENCY_KEY, DaytonaConfig, DaytonaProvider
 from tests.conftest import wait_for
 from tests.standins.daytona import DaytonaStandIn
 from tests.standins.faults import Fault

@@ -15,8 +15,7 @@ from pydantic import SecretStr
 
 import providers.e2b as e2b_driver
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID, LABEL_TENANT_ID, Sandbox, SandboxSpec
-from providers.config import E2BConfig
-from providers.e2b import E2BProvider
+from providers.e2b import E2BConfig, E2BProvider
 from tests.conftest import wait_for
 from tests.standins.e2b import E2BStandIn
 from tests.standins.sse_server import SOURCE as SSE_SOURCE

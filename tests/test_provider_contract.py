@@ -121,7 +121,7 @@ def contract_worker(
 def driver(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Iterator[Provider]:
     for name, value in backend.worker_env.items():
         monkeypatch.setenv(name, value)
-    provider = load_provider(backend.name, getattr(Settings(), backend.name))
+    provider = load_provider(backend.name, Settings().provider_config(backend.name))
     yield provider
     backend.clear_faults()
     for sandbox in provider.list_owned({LABEL_OWNER: OWNER}):

@@ -1,17 +1,21 @@
 """Worker settings: one ``SANDBOX_WORKER_`` prefix, nested blocks with ``__`` (``SANDBOX_WORKER_E2B__API_KEY``).
 
-Nothing happens at import time; :func:`get_settings` builds the settings once per process.
+Each registered provider (``providers.REGISTRY``) adds one block named after it, typed by its driver's config
+model. Nothing happens at import time beyond building the model; :func:`get_settings` reads the environment
+once per process.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from providers.config import DaytonaConfig, DockerConfig, E2BConfig
+from providers import config_models
+from providers.base import ProviderConfig
 from worker import pins
 from worker.credentials.settings import CredentialsSettings
 from worker.fleet import FleetConfig
@@ -24,7 +28,22 @@ def _default_binary() -> Path:
     return Path.home() / ".cache" / "sandbox-worker" / "sandbox-agent" / pins.SANDBOX_AGENT_VERSION / "sandbox-agent"
 
 
+_SettingsT = TypeVar("_SettingsT", bound=BaseSettings)
+
+
+def _with_provider_blocks(cls: type[_SettingsT]) -> type[_SettingsT]:
+    """``cls`` plus one field per registered provider, named after it and typed by its config model, so its
+    variables are ``SANDBOX_WORKER_<NAME>__*``. The fields follow the class's own, in registry order."""
+    blocks: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in config_models().items()}
+    if clashes := sorted(blocks.keys() & cls.model_fields.keys()):
+        raise TypeError(f"provider names {clashes} clash with settings of {cls.__name__}")
+    return create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **blocks)
+
+
+@_with_provider_blocks
 class Settings(BaseSettings):
+    """Everything a worker reads from its environment (see docs/configuration.md)."""
+
     model_config = SettingsConfigDict(
         env_prefix="SANDBOX_WORKER_", env_nested_delimiter="__", env_file=".env", extra="ignore", frozen=True
     )
@@ -64,14 +83,16 @@ class Settings(BaseSettings):
     log_format: str = Field("auto", pattern=r"^(auto|json|console)$", description="Log renderer.")
 
     providers: list[ProviderName] = Field(
-        default_factory=lambda: [ProviderName.docker], description="Providers the reaper sweeps (JSON list)."
+        default_factory=lambda: [ProviderName("docker")], description="Providers the reaper sweeps (JSON list)."
     )
     fleet: FleetConfig = Field(default_factory=FleetConfig)
-
-    docker: DockerConfig = Field(default_factory=DockerConfig)
-    e2b: E2BConfig = Field(default_factory=E2BConfig)
-    daytona: DaytonaConfig = Field(default_factory=DaytonaConfig)
     credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
+
+    def provider_config(self, name: str) -> ProviderConfig:
+        """The settings block of the registered provider ``name``."""
+        config = getattr(self, ProviderName(name).value)  # a field _with_provider_blocks added
+        assert isinstance(config, ProviderConfig)
+        return config
 
 
 @lru_cache(maxsize=1)

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from worker.errors import InvalidRequest
 
+from providers import REGISTRY
+
 # Ids end up in sandbox labels and E2B metadata filters, which only survive a small alphabet.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
@@ -30,10 +32,9 @@ class Agent(StrEnum):
     mock = "mock"
 
 
-class ProviderName(StrEnum):
-    docker = "docker"
-    e2b = "e2b"
-    daytona = "daytona"
+# One member per entry of the provider registry (providers/__init__.py), so adding a provider needs no edit
+# here. Members are only known at run time: code names them by value, ProviderName("docker").
+ProviderName = StrEnum("ProviderName", [(name, name) for name in REGISTRY], module=__name__)  # type: ignore[misc]
 
 
 class Strategy(StrEnum):

@@ -28,7 +28,7 @@ def provider(name: ProviderName, settings: Settings | None = None) -> Provider:
     settings = settings or get_settings()
     with _lock:
         if name not in _providers:
-            _providers[name] = load_provider(name.value, getattr(settings, name.value))
+            _providers[name] = load_provider(name.value, settings.provider_config(name))
         return _providers[name]
 
 

@@ -18,11 +18,18 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from worker.batches import BatchRun
+    from worker.batches import Batches, BatchRun
 
 console = Console(stderr=True)
 batch_app = typer.Typer(no_args_is_help=True, help="Batches of sessions from YAML files (docs/operations.md).")
 _STATE_COLOURS = {"ready": "green", "failed": "red", "terminated": "magenta", "starting": "yellow"}
+
+
+def _batches() -> Batches:
+    """Batch runs wired to the task queue, as the tasks wire them."""
+    from worker import queueing, runtime
+
+    return queueing.batches(runtime.store())
 
 
 def _log_to_stderr() -> None:
@@ -38,7 +45,7 @@ def reap(
     as_json: Annotated[bool, typer.Option("--json", help="Print the actions as JSON on stdout.")] = False,
 ) -> None:
     """Remove orphaned sandboxes, terminate sessions past their ttl, requeue requests whose worker died."""
-    from tasks.maintenance import enqueue
+    from worker.queueing import enqueue
     from worker.reaper import build_reaper
 
     _log_to_stderr()
@@ -85,12 +92,11 @@ def batch_run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
 ) -> None:
     """Start a run of FILE now (its schedule aside) and follow it; exits 0 when every session is ready."""
-    from tasks.batches import batches
     from worker.batches import load_batch, manual_run_id
 
     _log_to_stderr()
     spec = load_batch(file)
-    runs = batches()
+    runs = _batches()
     run = runs.start(spec, str(file), manual_run_id(spec.name, time.time()))
     assert run is not None  # a manual run id is new
     if not wait:
@@ -112,9 +118,7 @@ def batch_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
 ) -> None:
     """Show a batch run: counts by state, durations, deadline."""
-    from tasks.batches import batches
-
-    run = batches().get(run_id)
+    run = _batches().get(run_id)
     if run is None:
         console.print(f"[red]error:[/red] no batch run {run_id}")
         raise typer.Exit(1)

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import time
 
-from tasks.maintenance import enqueue
-from tasks.sessions import terminate_session
-from worker import runtime
+from worker import queueing, runtime
 from worker.batches import Batches, load_dir
-from worker.celery_app import app, provider_queue
+from worker.celery_app import BATCHES_ADVANCE, BATCHES_TICK, app
 from worker.config import get_settings
-from worker.models import SessionRequest
-
-
-def _submit(request: SessionRequest, run_id: str) -> None:
-    advance_run = advance.si(run_id)
-    enqueue(request, link=advance_run, link_error=advance_run)
-
-
-def _terminate(request: SessionRequest) -> None:
-    terminate_session.apply_async(args=[request.request_id], queue=provider_queue(request.provider))
 
 
 def batches() -> Batches:
-    """Batch runs wired to this app's task queue."""
-    return Batches(runtime.store(), _submit, _terminate)
+    """Batch runs wired to this app's task queue (:func:`worker.queueing.batches`)."""
+    return queueing.batches(runtime.store(), app=app)
 
 
-@app.task(name="batches.tick")
+@app.task(name=BATCHES_TICK)
 def tick() -> list[str]:
     """Fire every due schedule (once per tick across all beat replicas), then advance every running batch."""
     settings = get_settings()
@@ -41,7 +29,7 @@ def tick() -> list[str]:
     return fired
 
 
-@app.task(name="batches.advance", ignore_result=True)
+@app.task(name=BATCHES_ADVANCE, ignore_result=True)
 def advance(run_id: str) -> None:
     """Advance one batch run (a session of it has ended)."""
     batches().advance(run_id)

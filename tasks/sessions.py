@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from worker import runtime
-from worker.celery_app import app
+from worker.celery_app import CREATE_SESSION, TERMINATE_SESSION, app
 from worker.config import get_settings
 from worker.errors import InvalidRequest
 from worker.models import ErrorInfo, SessionResult, SessionState
@@ -15,7 +15,7 @@ from worker.retries import RetryLater, RetryPolicy
 
 
 # max_retries=None: the retry policy (worker/retries.py) decides, from the settings.
-@app.task(bind=True, name="sessions.create", max_retries=None)
+@app.task(bind=True, name=CREATE_SESSION, max_retries=None)
 def create_session(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Bring up the session ``request`` asks for (a SessionRequest as a JSON object)."""
 
@@ -37,7 +37,7 @@ def create_session(self: Task, request: dict[str, Any]) -> dict[str, Any]:
         raise self.retry(countdown=policy.countdown(self.request.retries)) from None
 
 
-@app.task(bind=True, name="sessions.terminate", max_retries=RetryPolicy().task_retries)
+@app.task(bind=True, name=TERMINATE_SESSION, max_retries=RetryPolicy().task_retries)
 def terminate_session(self: Task, request_id: str) -> dict[str, Any]:
     """End the session of ``request_id``: close the agent, remove the sandbox, release credentials."""
     try:

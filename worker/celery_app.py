@@ -14,6 +14,14 @@ from worker.retries import COUNTDOWN_MAX
 SESSIONS_QUEUE = "sessions"
 PROVIDER_NAMES = tuple(p.value for p in ProviderName)
 
+# Task names: tasks/ registers them; worker.queueing, the client and beat send by name, so nothing in the
+# worker package imports the tasks package.
+CREATE_SESSION = "sessions.create"
+TERMINATE_SESSION = "sessions.terminate"
+REAP = "maintenance.reap"
+BATCHES_TICK = "batches.tick"
+BATCHES_ADVANCE = "batches.advance"
+
 
 def provider_queue(provider: str) -> str:
     """Requests are routed per provider, so a worker can serve only the providers its host reaches."""
@@ -50,8 +58,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_max_retries=None,
         beat_schedule={
-            "reap": {"task": "maintenance.reap", "schedule": settings.fleet.reap_interval_seconds},
-            "batches-tick": {"task": "batches.tick", "schedule": settings.fleet.batch_tick_seconds},
+            "reap": {"task": REAP, "schedule": settings.fleet.reap_interval_seconds},
+            "batches-tick": {"task": BATCHES_TICK, "schedule": settings.fleet.batch_tick_seconds},
         },
         result_expires=7 * 24 * 3600,
         task_track_started=True,

@@ -17,10 +17,11 @@ from celery.result import AsyncResult
 from pydantic import SecretStr
 
 from worker.access import DaemonAccess, access_for
-from worker.celery_app import PROVIDER_NAMES, SESSIONS_QUEUE, create_app, provider_queue
+from worker.celery_app import create_app
 from worker.config import Settings, get_settings
 from worker.errors import InvalidRequest
 from worker.models import SessionRequest, SessionResult, parse_request
+from worker.queueing import send_create, send_terminate
 from worker.store import Store
 
 ProgressCallback = Callable[[str], None]
@@ -40,9 +41,7 @@ class SessionClient:
         request_id = str(payload.get("request_id") or "")
         if not request_id:
             raise InvalidRequest("request_id is required when validation is off", field="request_id")
-        provider = payload.get("provider")
-        queue = provider_queue(provider) if isinstance(provider, str) and provider in PROVIDER_NAMES else SESSIONS_QUEUE
-        self.app.send_task("sessions.create", args=[payload], task_id=request_id, queue=queue)
+        send_create(payload, app=self.app)
         return request_id
 
     def status(self, request_id: str) -> SessionResult | None:
@@ -87,8 +86,7 @@ class SessionClient:
 
     def terminate(self, request_id: str, *, wait: bool = True, timeout: float = 300.0) -> SessionResult | None:
         record = self.store.get(request_id)
-        queue = provider_queue(record.request.provider.value) if record else SESSIONS_QUEUE
-        task = self.app.send_task("sessions.terminate", args=[request_id], queue=queue)
+        task = send_terminate(request_id, record.request.provider.value if record else None, app=self.app)
         if not wait:
             return None
         return SessionResult.model_validate(task.get(timeout=timeout))

@@ -1,4 +1,5 @@
-"""``sandbox-worker secrets|gateway|tenant|vault|egress-proxy``: managing what the credential strategies use.
+"""``sandbox-worker keygen|secrets|gateway|tenant|vault|egress-proxy``: managing what the credential strategies
+use.
 
 Secret values are read from stdin (a hidden prompt on a terminal), never from an argument: arguments end
 up in shell history and process lists. Nothing here prints a value.
@@ -6,13 +7,14 @@ up in shell history and process lists. Nothing here prints a value.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
 import typer
+from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
+from worker.cli import output
 from worker.config import get_settings
 from worker.credentials.broker import gateway_keys
 from worker.credentials.gateway import GatewayKeys
@@ -65,19 +67,24 @@ def _backends(keys: GatewayKeys, tenant: str, backend: GatewayBackend | None) ->
     return [backend] if backend else keys.backends_of(tenant)
 
 
+def keygen() -> None:
+    """Print a new Fernet key for SANDBOX_WORKER_FERNET_KEY."""
+    output.line(Fernet.generate_key().decode())
+
+
 # -- secrets ------------------------------------------------------------------------------------------------
 @secrets_app.command("put")
 def secrets_put(name: Annotated[str, typer.Argument(help="Secret name.")], tenant: Tenant) -> None:
     """Store a secret; its value comes from stdin."""
     _secrets().put(tenant, name, _read_value("secret value"))
-    typer.echo(f"stored {name} for tenant {tenant}")
+    output.line(f"stored {name} for tenant {tenant}")
 
 
 @secrets_app.command("list")
 def secrets_list(tenant: Tenant) -> None:
     """The names of the tenant's secrets (never their values)."""
     for name in _secrets().names(tenant):
-        typer.echo(name)
+        output.line(name)
 
 
 @secrets_app.command("delete")
@@ -85,7 +92,7 @@ def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name.")], te
     """Delete a secret."""
     if not _secrets().delete(tenant, name):
         raise InvalidRequest(f"tenant {tenant} has no secret named {name}", field="name")
-    typer.echo(f"deleted {name}")
+    output.line(f"deleted {name}")
 
 
 # -- gateway ------------------------------------------------------------------------------------------------
@@ -98,7 +105,7 @@ def gateway_rotate(tenant: TenantArg, backend: Backend = None) -> None:
         raise InvalidRequest(f"tenant {tenant} has no gateway key: name --backend to mint one", field="tenant_id")
     for name in chosen:
         key = keys.rotate(tenant, name)
-        typer.echo(f"rotated {name.value} key of tenant {tenant} ({key.name})")
+        output.line(f"rotated {name.value} key of tenant {tenant} ({key.name})")
 
 
 @gateway_app.command("spend")
@@ -107,12 +114,12 @@ def gateway_spend(tenant: TenantArg, backend: Backend = None, as_json: AsJson = 
     keys = _keys()
     spends = [keys.spend(tenant, name) for name in _backends(keys, tenant, backend)]
     if as_json:
-        typer.echo(json.dumps([s.model_dump(mode="json") for s in spends], indent=2))
+        output.json_doc([s.model_dump(mode="json") for s in spends])
         return
     for spend in spends:
         limit = f" of {spend.limit_usd:.2f}" if spend.limit_usd is not None else ""
         period = f" ({spend.period})" if spend.period else ""
-        typer.echo(f"{spend.backend.value}: {spend.spent_usd:.4f} USD{limit}{period}")
+        output.line(f"{spend.backend.value}: {spend.spent_usd:.4f} USD{limit}{period}")
 
 
 @gateway_app.command("revoke")
@@ -121,7 +128,7 @@ def gateway_revoke(tenant: TenantArg, backend: Backend = None) -> None:
     keys = _keys()
     for name in _backends(keys, tenant, backend):
         if keys.revoke(tenant, name):
-            typer.echo(f"revoked {name.value} key of tenant {tenant}")
+            output.line(f"revoked {name.value} key of tenant {tenant}")
 
 
 # -- tenant -------------------------------------------------------------------------------------------------
@@ -139,7 +146,7 @@ def tenant_set_default(
         strategy=strategy, secret_ref=secret_ref, gateway=gateway, llm_provider=llm_provider, vaults=vault or []
     )
     _secrets().set_default(tenant, spec)
-    typer.echo(f"default for tenant {tenant}: {spec.model_dump_json(exclude_defaults=True)}")
+    output.line(f"default for tenant {tenant}: {spec.model_dump_json(exclude_defaults=True)}")
 
 
 @tenant_app.command("show")
@@ -153,7 +160,7 @@ def tenant_show(tenant: TenantArg) -> None:
         "vaults": [v.name for v in VaultStore(secrets).list(tenant)],
         "gateway_keys": secrets.sealed_names("gateway", tenant),
     }
-    typer.echo(json.dumps(report, indent=2))
+    output.json_doc(report)
 
 
 @tenant_app.command("remove")
@@ -166,11 +173,11 @@ def tenant_remove(tenant: TenantArg) -> None:
     if keys is not None:
         for backend in keys.backends_of(tenant):
             keys.revoke(tenant, backend)
-            typer.echo(f"revoked {backend.value} key")
+            output.line(f"revoked {backend.value} key")
     elif secrets.sealed_names("gateway", tenant):
         raise ConfigurationError("the tenant has gateway keys but no gateway is configured here to revoke them")
     secrets.purge(tenant)
-    typer.echo(f"removed tenant {tenant}")
+    output.line(f"removed tenant {tenant}")
 
 
 # -- vault --------------------------------------------------------------------------------------------------
@@ -203,14 +210,14 @@ def vault_create(
         ],
     )
     VaultStore(_secrets()).create(tenant, vault, replace=replace)
-    typer.echo(f"created vault {name} for tenant {tenant}")
+    output.line(f"created vault {name} for tenant {tenant}")
 
 
 @vault_app.command("list")
 def vault_list(tenant: Tenant) -> None:
     """The tenant's vaults with their metadata and credential names (tokens masked)."""
     vaults = VaultStore(_secrets()).list(tenant)
-    typer.echo(json.dumps([v.model_dump(mode="json") for v in vaults], indent=2))
+    output.json_doc([v.model_dump(mode="json") for v in vaults])
 
 
 @vault_app.command("delete")
@@ -218,7 +225,7 @@ def vault_delete(name: Annotated[str, typer.Argument(help="Vault name.")], tenan
     """Delete a vault."""
     if not VaultStore(_secrets()).delete(tenant, name):
         raise InvalidRequest(f"tenant {tenant} has no vault named {name}", field="name")
-    typer.echo(f"deleted vault {name}")
+    output.line(f"deleted vault {name}")
 
 
 def egress_proxy(
@@ -232,6 +239,7 @@ def egress_proxy(
 
 
 def register(app: typer.Typer) -> None:
+    app.command()(keygen)
     app.add_typer(secrets_app, name="secrets")
     app.add_typer(gateway_app, name="gateway")
     app.add_typer(tenant_app, name="tenant")

@@ -1,26 +1,31 @@
-"""Fleet operations on the ``sandbox-worker`` command: ``reap``, ``batch run FILE`` and ``batch status RUN_ID``.
+"""Running the fleet on the ``sandbox-worker`` command: ``worker``, ``reap``, ``batch run FILE``,
+``batch status RUN_ID`` and the ``settings`` reference.
 
-Registered by :mod:`worker.cli`; Redis and Celery are imported only when a command runs.
+Redis, Celery and the runtime are imported only when a command runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
+
+from worker.cli import output
+from worker.cli.output import plain
+from worker.models import ProviderName
 
 if TYPE_CHECKING:
-    from worker.batches import BatchRun
+    from worker.batches import Batches, BatchRun
 
-console = Console(stderr=True)
+SETTINGS_PATH = Path("docs") / "configuration.md"
 batch_app = typer.Typer(no_args_is_help=True, help="Batches of sessions from YAML files (docs/operations.md).")
 _STATE_COLOURS = {"ready": "green", "failed": "red", "terminated": "magenta", "starting": "yellow"}
 
@@ -33,49 +38,81 @@ def _log_to_stderr() -> None:
     configure_logging(get_settings().log_format)
 
 
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Parallel bring-ups (prefork processes).")] = 2,
+    providers: Annotated[
+        str, typer.Option(help="Comma-separated providers this worker serves.")
+    ] = "docker,e2b,daytona",
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+    beat: Annotated[bool, typer.Option(help="Also run the scheduler (single-host setups).")] = False,
+) -> None:
+    """Start a Celery worker."""
+    from worker.celery_app import SESSIONS_QUEUE, provider_queue
+    from worker.celery_app import app as celery
+
+    names = [p.strip() for p in providers.split(",") if p.strip()]
+    unknown = sorted(set(names) - {p.value for p in ProviderName})
+    if unknown:
+        raise output.fail(f"unknown provider(s): {', '.join(unknown)}", field="providers")
+    queues = ",".join([SESSIONS_QUEUE, *(provider_queue(p) for p in names)])
+    argv = ["worker", f"--concurrency={concurrency}", f"--queues={queues}", f"--loglevel={loglevel}"]
+    if beat:
+        argv.append("--beat")
+    celery.worker_main(argv)
+
+
+def _batches() -> Batches:
+    """Batch runs wired to the task queue, as the tasks wire them."""
+    from worker import queueing, runtime
+
+    return queueing.batches(runtime.store())
+
+
 def reap(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be done.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the actions as JSON on stdout.")] = False,
 ) -> None:
     """Remove orphaned sandboxes, terminate sessions past their ttl, requeue requests whose worker died."""
-    from tasks.maintenance import enqueue
+    from worker.queueing import enqueue
     from worker.reaper import build_reaper
 
     _log_to_stderr()
     items = build_reaper(enqueue).run(dry_run=dry_run)
     if as_json:
-        typer.echo(json.dumps([dataclasses.asdict(item) for item in items], indent=2))
+        output.json_doc([dataclasses.asdict(item) for item in items])
         return
     table = Table(title="would do" if dry_run else "done", title_justify="left")
     for column in ("action", "request_id", "sandbox", "reason", "done"):
         table.add_column(column, overflow="fold")
     for item in items:
         sandbox = f"{item.provider}:{item.sandbox_id[:12]}" if item.sandbox_id else ""
-        table.add_row(item.action, item.request_id, sandbox, item.reason, "yes" if item.done else "no")
-    console.print(table if items else "nothing to reap")
+        cells = (item.action, item.request_id, sandbox, item.reason, "yes" if item.done else "no")
+        table.add_row(*(plain(cell) for cell in cells))  # reasons may quote a provider's error
+    output.show(table if items else "nothing to reap")
 
 
 def _run_view(run: BatchRun) -> Group:
     ended = sum(n for state, n in run.counts.items() if state in ("ready", "failed", "terminated"))
     now = run.finished_at or time.time()
-    header = (
-        f"[bold]{run.run_id}[/bold]  {run.state.value}  {ended}/{len(run.requests)} ended  "
-        f"{now - run.started_at:.0f}s elapsed, deadline in {max(run.deadline_at - now, 0):.0f}s"
+    header = Text.assemble(
+        (run.run_id, "bold"),
+        f"  {run.state.value}  {ended}/{len(run.requests)} ended  "
+        f"{now - run.started_at:.0f}s elapsed, deadline in {max(run.deadline_at - now, 0):.0f}s",
     )
     counts = Table(show_header=False, box=None)
     counts.add_row("progress", ProgressBar(total=len(run.requests), completed=ended, width=40))
     for state, count in sorted(run.counts.items()):
-        counts.add_row(f"[{_STATE_COLOURS.get(state, 'white')}]{state}[/]", str(count))
+        counts.add_row(plain(state, _STATE_COLOURS.get(state, "white")), str(count))
     for name, ms in run.durations_ms.items():
-        counts.add_row(f"[dim]{name} ms[/dim]", f"{ms:.0f}")
+        counts.add_row(plain(f"{name} ms", "dim"), f"{ms:.0f}")
     return Group(header, counts)
 
 
 def _print_run(run: BatchRun, as_json: bool) -> None:
     if as_json:
-        typer.echo(run.model_dump_json(indent=2, exclude={"requests"}))
+        output.json_doc(run, exclude={"requests"})
     else:
-        console.print(_run_view(run))
+        output.show(_run_view(run))
 
 
 @batch_app.command("run")
@@ -85,18 +122,20 @@ def batch_run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
 ) -> None:
     """Start a run of FILE now (its schedule aside) and follow it; exits 0 when every session is ready."""
-    from tasks.batches import batches
     from worker.batches import load_batch, manual_run_id
 
     _log_to_stderr()
     spec = load_batch(file)
-    runs = batches()
+    runs = _batches()
     run = runs.start(spec, str(file), manual_run_id(spec.name, time.time()))
     assert run is not None  # a manual run id is new
     if not wait:
-        typer.echo(run.run_id)
+        if as_json:
+            _print_run(run, as_json)
+        else:
+            output.line(run.run_id)
         return
-    with Live(_run_view(run), console=console, transient=as_json) as live:
+    with Live(_run_view(run), console=output.stderr, transient=as_json) as live:
         while run.finished_at is None:
             time.sleep(1)
             run = runs.advance(run.run_id)
@@ -112,15 +151,27 @@ def batch_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON on stdout.")] = False,
 ) -> None:
     """Show a batch run: counts by state, durations, deadline."""
-    from tasks.batches import batches
-
-    run = batches().get(run_id)
+    run = _batches().get(run_id)
     if run is None:
-        console.print(f"[red]error:[/red] no batch run {run_id}")
-        raise typer.Exit(1)
+        raise output.fail(f"no batch run {run_id}", field="run_id", code=1)
     _print_run(run, as_json)
 
 
+def settings_doc(
+    write: Annotated[bool, typer.Option(help=f"Write {SETTINGS_PATH} instead of printing.")] = False,
+) -> None:
+    """The configuration reference (every SANDBOX_WORKER_* variable)."""
+    from worker.config import settings_reference
+
+    if write:
+        SETTINGS_PATH.write_text(settings_reference())
+        output.show(plain(f"wrote {SETTINGS_PATH}"))
+    else:
+        output.line(settings_reference().removesuffix("\n"))
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(worker)
     app.command()(reap)
     app.add_typer(batch_app, name="batch")
+    app.command("settings")(settings_doc)

@@ -1,0 +1,71 @@
+"""Sending work to the task queue, by task name: which task, on which queue, under which id.
+
+The one place where that is decided, used by the tasks (:mod:`tasks.maintenance`, :mod:`tasks.batches`), the
+``sandbox-worker`` command and :class:`worker.client.SessionClient`. It sends through a Celery app by name
+(``app.send_task``), so the ``worker`` package never imports the ``tasks`` package that defines the tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from worker.batches import Batches
+from worker.celery_app import (
+    BATCHES_ADVANCE,
+    CREATE_SESSION,
+    PROVIDER_NAMES,
+    SESSIONS_QUEUE,
+    TERMINATE_SESSION,
+    provider_queue,
+)
+from worker.models import SessionRequest
+from worker.store import Store
+
+
+def _app(app: Celery | None) -> Celery:
+    if app is not None:
+        return app
+    from worker.celery_app import app as default  # built from the settings on first use
+
+    return default
+
+
+def queue_of(provider: object) -> str:
+    """The provider's queue; the shared sessions queue when ``provider`` names none (the worker rejects such a
+    request and records why)."""
+    return provider_queue(provider) if isinstance(provider, str) and provider in PROVIDER_NAMES else SESSIONS_QUEUE
+
+
+def send_create(payload: dict[str, Any], *, app: Celery | None = None, **options: Any) -> AsyncResult:
+    """Queue ``sessions.create`` for a request payload (a SessionRequest as JSON) under its request_id, on its
+    provider's queue. ``options`` go to ``send_task`` (``link``, ``link_error``...)."""
+    request_id = str(payload.get("request_id") or "")
+    return _app(app).send_task(
+        CREATE_SESSION, args=[payload], task_id=request_id, queue=queue_of(payload.get("provider")), **options
+    )
+
+
+def enqueue(request: SessionRequest, *, app: Celery | None = None, **options: Any) -> None:
+    """Queue ``request`` on its provider's queue under its request_id (a requeue when its message was lost)."""
+    send_create(request.model_dump(mode="json"), app=app, **options)
+
+
+def send_terminate(request_id: str, provider: str | None, *, app: Celery | None = None) -> AsyncResult:
+    """Queue ``sessions.terminate`` for ``request_id`` on its provider's queue (the shared one when unknown)."""
+    return _app(app).send_task(TERMINATE_SESSION, args=[request_id], queue=queue_of(provider))
+
+
+def batches(store: Store, *, app: Celery | None = None) -> Batches:
+    """Batch runs wired to the task queue: each session of a run advances the run when it ends, however it ends."""
+
+    def submit(request: SessionRequest, run_id: str) -> None:
+        advance = _app(app).signature(BATCHES_ADVANCE, args=[run_id], immutable=True)
+        enqueue(request, app=app, link=advance, link_error=advance)
+
+    def terminate(request: SessionRequest) -> None:
+        send_terminate(request.request_id, request.provider.value, app=app)
+
+    return Batches(store, submit, terminate)

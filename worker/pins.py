@@ -36,14 +36,10 @@ CLAUDE_AGENT_ACP_VERSION = "0.23.1"
 # platform package that @zed-industries/codex-acp@0.16.0 depends on.
 CODEX_ACP_VERSION = "0.16.0"
 CODEX_ACP_NPM_PACKAGE = "@zed-industries/codex-acp-linux-x64"
-CODEX_ACP_INTEGRITY = (
-    "sha512-xs5zZBLpJuciEbZNx6ZSNL0qCa9h3i/zWpj40sp6QtF+L4Ow/7qzHdBzboGhHdcz1jrLedfZeRFDA2Elj8TLMA=="
-)
+CODEX_ACP_INTEGRITY = "sha512-xs5zZBLpJuciEbZNx6ZSNL0qCa9h3i/zWpj40sp6QtF+L4Ow/7qzHdBzboGhHdcz1jrLedfZeRFDA2Elj8TLMA=="
 
 # OpenCode (run as `opencode acp`): a native bun-compiled binary (do not strip it). We take it from the platform
 # package opencode-ai@1.18.33 selects on x86-64 with AVX2 (its `-baseline` sibling is for CPUs without AVX2).
 OPENCODE_VERSION = "1.18.33"
 OPENCODE_NPM_PACKAGE = "opencode-linux-x64"
-OPENCODE_INTEGRITY = (
-    "sha512-q/t/3p2CTxOT9y2kvjesb/LZab2+1eqlhhWA02Be6mjTtmYtNBcBsrI5yDo4Fw7ZSPBW2oyMIGMNRqiKQjiAWw=="
-)
+OPENCODE_INTEGRITY = "sha512-q/t/3p2CTxOT9y2kvjesb/LZab2+1eqlhhWA02Be6mjTtmYtNBcBsrI5yDo4Fw7ZSPBW2oyMIGMNRqiKQjiAWw=="

@@ -114,3 +114,104 @@ ensure_sandbox_agent() {
     printf '%s\n' "$PIN_SANDBOX_AGENT_INTEGRITY" >"$stamp"
     log "sandbox-agent $version: verified ($actual) -> $SANDBOX_AGENT_BIN"
 }
+
+# --- agents (the sandbox image's Claude, Codex and OpenCode) ---------------------------------
+# Result: AGENTS_DIR=<cache>/agents/<key> holding exactly what the image gets under /opt/agents:
+#   claude-agent-acp/  `npm ci` of PIN_CLAUDE_AGENT_ACP_NPM_PACKAGE from sandbox_image/agents/claude-agent-acp.lock.json
+#   bin/codex-acp      native binary from PIN_CODEX_ACP_NPM_PACKAGE (integrity-checked)
+#   bin/opencode       native binary from PIN_OPENCODE_NPM_PACKAGE (integrity-checked)
+# <key> hashes the pins and the lockfile, so a cached copy is reused only for the same inputs.
+AGENTS_LOCKFILE="$REPO_ROOT/sandbox_image/agents/claude-agent-acp.lock.json"
+
+# package.json of the Claude adapter install, from the pins (the lockfile must match it).
+claude_package_json() {
+    printf '{"name":"sandbox-worker-claude-agent-acp","private":true,"dependencies":{"%s":"%s"}}\n' \
+        "$PIN_CLAUDE_AGENT_ACP_NPM_PACKAGE" "$PIN_CLAUDE_AGENT_ACP_VERSION"
+}
+
+agents_key() {
+    {
+        claude_package_json
+        cat "$AGENTS_LOCKFILE"
+        printf '%s %s %s\n' "$PIN_CODEX_ACP_NPM_PACKAGE" "$PIN_CODEX_ACP_VERSION" "$PIN_CODEX_ACP_INTEGRITY"
+        printf '%s %s %s\n' "$PIN_OPENCODE_NPM_PACKAGE" "$PIN_OPENCODE_VERSION" "$PIN_OPENCODE_INTEGRITY"
+    } | sha256sum | cut -c1-16
+}
+
+# npm pack one package version into dir, check its integrity, and extract one file of it to dest (0755).
+npm_pack_file() { # package version integrity member dest tmpdir
+    local pkg="$1" version="$2" integrity="$3" member="$4" dest="$5" tmp="$6" tgz actual
+    mkdir -p "$tmp/pack"
+    if ! (cd "$tmp/pack" && npm pack --silent "$pkg@$version" >"$tmp/npm-pack.log" 2>&1); then
+        show_tail "$tmp/npm-pack.log"
+        die "npm pack $pkg@$version failed"
+    fi
+    tgz="$(find "$tmp/pack" -maxdepth 1 -name '*.tgz' -print -quit)"
+    [[ -n "$tgz" ]] || die "npm pack $pkg@$version produced no tarball"
+    actual="$(sri_sha512 "$tgz")"
+    [[ "$actual" == "$integrity" ]] || die "integrity mismatch for $pkg@$version: got $actual, pinned $integrity"
+    tar -xzf "$tgz" -C "$tmp/pack" "package/$member"
+    install -D -m 0755 "$tmp/pack/package/$member" "$dest"
+    rm -rf "$tmp/pack"
+}
+
+ensure_agents() {
+    load_pins
+    [[ -f "$AGENTS_LOCKFILE" ]] || die "missing $AGENTS_LOCKFILE (scripts/build-image.sh --relock writes it)"
+    local key root stamp
+    key="$(agents_key)"
+    root="$CACHE_DIR/agents"
+    AGENTS_DIR="$root/$key"
+    stamp="$AGENTS_DIR/.verified"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]]; then
+        log "agents: cached at $AGENTS_DIR"
+        return 0
+    fi
+    command -v npm >/dev/null || die "npm is required to fetch the agents (run scripts/setup.sh)"
+    local start=$SECONDS tmp
+    mkdir -p "$root"
+    tmp="$(mktemp -d "$root/.tmp.XXXXXX")"
+    register_cleanup "$tmp"
+    log "agents: npm ci $PIN_CLAUDE_AGENT_ACP_NPM_PACKAGE@$PIN_CLAUDE_AGENT_ACP_VERSION (lockfile)"
+    mkdir -p "$tmp/out/claude-agent-acp"
+    claude_package_json >"$tmp/out/claude-agent-acp/package.json"
+    cp "$AGENTS_LOCKFILE" "$tmp/out/claude-agent-acp/package-lock.json"
+    # --ignore-scripts: nothing of the tree needs an install script (sharp ships prebuilt binaries).
+    if ! (cd "$tmp/out/claude-agent-acp" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
+        >"$tmp/npm-ci.log" 2>&1); then
+        show_tail "$tmp/npm-ci.log"
+        die "npm ci of the Claude adapter failed (pins changed? run scripts/build-image.sh --relock)"
+    fi
+    [[ -f "$tmp/out/claude-agent-acp/node_modules/$PIN_CLAUDE_AGENT_ACP_NPM_PACKAGE/dist/index.js" ]] \
+        || die "npm ci did not install $PIN_CLAUDE_AGENT_ACP_NPM_PACKAGE"
+    log "agents: npm pack $PIN_CODEX_ACP_NPM_PACKAGE@$PIN_CODEX_ACP_VERSION"
+    npm_pack_file "$PIN_CODEX_ACP_NPM_PACKAGE" "$PIN_CODEX_ACP_VERSION" "$PIN_CODEX_ACP_INTEGRITY" \
+        bin/codex-acp "$tmp/out/bin/codex-acp" "$tmp"
+    log "agents: npm pack $PIN_OPENCODE_NPM_PACKAGE@$PIN_OPENCODE_VERSION"
+    npm_pack_file "$PIN_OPENCODE_NPM_PACKAGE" "$PIN_OPENCODE_VERSION" "$PIN_OPENCODE_INTEGRITY" \
+        bin/opencode "$tmp/out/bin/opencode" "$tmp"
+    local got
+    got="$("$tmp/out/bin/opencode" --version 2>&1 || true)"
+    [[ "$got" == "$PIN_OPENCODE_VERSION" ]] || die "opencode --version printed: ${got:0:200}"
+    # Drop other versions' copies (hundreds of MB each), then publish this one.
+    find "$root" -mindepth 1 -maxdepth 1 -type d ! -name '.tmp.*' ! -name "$key" -exec rm -rf {} +
+    rm -rf "$AGENTS_DIR"
+    mv "$tmp/out" "$AGENTS_DIR"
+    printf '%s\n' "$key" >"$stamp"
+    log "agents: fetched in $((SECONDS - start))s -> $AGENTS_DIR ($(du -sh "$AGENTS_DIR" | cut -f1))"
+}
+
+# Rewrite sandbox_image/agents/claude-agent-acp.lock.json from the pins (after changing the adapter version).
+relock_agents() {
+    load_pins
+    command -v npm >/dev/null || die "npm is required"
+    local tmp
+    tmp="$(mktemp -d)"
+    register_cleanup "$tmp"
+    claude_package_json >"$tmp/package.json"
+    (cd "$tmp" && npm install --package-lock-only --omit=dev --ignore-scripts --no-audit --no-fund >"$tmp/npm.log" 2>&1) \
+        || { show_tail "$tmp/npm.log"; die "npm install --package-lock-only failed"; }
+    mkdir -p "$(dirname "$AGENTS_LOCKFILE")"
+    cp "$tmp/package-lock.json" "$AGENTS_LOCKFILE"
+    log "wrote $AGENTS_LOCKFILE"
+}

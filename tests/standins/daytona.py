@@ -43,7 +43,7 @@ the containers it made (and only those, so several stand-ins can share one engin
 
 Manual runs (``sandbox-worker submit --provider daytona``)::
 
-    python -m tests.standins.daytona --port 3222 --image sandbox-worker/sandbox:0.4.2 --api-key KEY
+    python -m tests.standins.daytona --port 3222 --image sandbox-worker/sandbox:0.4.2-agents --api-key KEY
 
 then point the worker at it::
 

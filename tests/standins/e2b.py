@@ -27,7 +27,7 @@ Tests use :class:`E2BStandIn` as a context manager; it adds fault injection (``a
 
 Manual runs (``sandbox-worker submit --provider e2b``)::
 
-    python -m tests.standins.e2b --port 3111 --image sandbox-worker/sandbox:0.4.2 --api-key KEY
+    python -m tests.standins.e2b --port 3111 --image sandbox-worker/sandbox:0.4.2-agents --api-key KEY
 
 then point the worker at it (the command prints these lines)::
 
@@ -37,7 +37,7 @@ then point the worker at it (the command prints these lines)::
     SANDBOX_WORKER_E2B__DOMAIN=e2b.standin
     SANDBOX_WORKER_E2B__PORT_SCHEME=http
     SANDBOX_WORKER_E2B__PORT_PROXY_URL=http://127.0.0.1:3111
-    SANDBOX_WORKER_E2B__TEMPLATE=sandbox-worker/sandbox:0.4.2
+    SANDBOX_WORKER_E2B__TEMPLATE=sandbox-worker/sandbox:0.4.2-agents
 
 Every template id maps to the one image given on the command line unless ``templates`` says otherwise.
 Containers are removed on exit; leftovers carry the label ``sandbox-worker-standin=e2b``.
@@ -1048,7 +1048,7 @@ class E2BStandIn:
 
     def __init__(
         self,
-        image: str = "sandbox-worker/sandbox:0.4.2",
+        image: str = "sandbox-worker/sandbox:0.4.2-agents",
         *,
         api_key: str = DEFAULT_API_KEY,
         ports: Sequence[int] = (2468,),
@@ -1180,7 +1180,7 @@ class E2BStandIn:
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.standins.e2b", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=3111)
-    parser.add_argument("--image", default="sandbox-worker/sandbox:0.4.2")
+    parser.add_argument("--image", default="sandbox-worker/sandbox:0.4.2-agents")
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
     parser.add_argument("--domain", default=DEFAULT_DOMAIN)
     parser.add_argument("--ports", default="2468", help="comma-separated container ports to publish")

@@ -1,4 +1,4 @@
-"""Run an ASGI app with uvicorn in a background thread, on a free loopback port."""
+"""Run an ASGI app with uvicorn in a background thread, on a free port (loopback unless told otherwise)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,20 @@ from typing import Any
 import uvicorn
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
 class ThreadedServer:
-    """uvicorn serving ``app`` on 127.0.0.1 from a daemon thread."""
+    """uvicorn serving ``app`` on ``host`` (127.0.0.1 by default) from a daemon thread."""
 
-    def __init__(self, app: Any, *, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+    def __init__(self, app: Any, *, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"standin-{self.port}", daemon=True)
 

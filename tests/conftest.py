@@ -108,8 +108,26 @@ def base_env(redis_server: RedisServer) -> dict[str, str]:
     }
 
 
+# Unit tests get a Redis address where nothing listens, so one that reaches for Redis fails at once instead of
+# quietly needing a server: `make unit` runs on a bare machine.
+_NO_REDIS = "redis://127.0.0.1:9/0"
+
+
+def _unit_env() -> dict[str, str]:
+    return {
+        "SANDBOX_WORKER_BROKER_URL": _NO_REDIS,
+        "SANDBOX_WORKER_RESULT_BACKEND": _NO_REDIS,
+        "SANDBOX_WORKER_REDIS_URL": _NO_REDIS,
+        "SANDBOX_WORKER_FERNET_KEY": FERNET_KEY,
+        "SANDBOX_WORKER_OWNER": OWNER,
+        "SANDBOX_WORKER_LOG_FORMAT": "json",
+    }
+
+
 @pytest.fixture(autouse=True)
-def _environ(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def _environ(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    integration = request.node.get_closest_marker("integration") is not None
+    base_env: dict[str, str] = request.getfixturevalue("base_env") if integration else _unit_env()
     for name in _LEAKY_ENV:
         monkeypatch.delenv(name, raising=False)
     for name in list(os.environ):
@@ -244,3 +262,10 @@ def session_client() -> Any:
     from worker.client import SessionClient
 
     return SessionClient()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the Redis server is an integration test, whether or not its module says so."""
+    for item in items:
+        if "redis_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

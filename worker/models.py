@@ -15,9 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from worker.errors import InvalidRequest
-
 from providers import REGISTRY
+from worker.errors import InvalidRequest
 
 # Ids end up in sandbox labels and E2B metadata filters, which only survive a small alphabet.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]

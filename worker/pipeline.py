@@ -226,8 +226,7 @@ class Pipeline:
         """Stop here when our lease ran out or someone asked for the session to end."""
         if attempt.lease.lost.is_set():
             raise _LeaseLost
-        current = self.store.get(attempt.record.request.request_id)
-        if current is not None and current.terminate_requested:
+        if self.store.terminate_requested(attempt.record.request.request_id):
             raise Terminated("terminated while starting", stage=stage)
 
     @contextlib.contextmanager

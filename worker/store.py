@@ -10,6 +10,9 @@ Keys (prefix ``sw:``):
   bring-ups that may have lost their worker.
 * ``sw:live`` — sorted set of the request ids not failed or terminated, by expiry (sandbox ttl): the reaper
   terminates those past it.
+* ``sw:terminate:<request_id>`` — a client asked to end the request while it was coming up. A key of its own,
+  not a record field: the record is written only by the worker bringing the request up, which would overwrite
+  a flag set in between.
 * ``sw:once:<name>`` — a marker that something happened recently (:meth:`Store.claim_once`).
 
 Secret values are stored only Fernet-encrypted; without a key the worker refuses to store them.
@@ -51,7 +54,6 @@ class SessionRecord(BaseModel):
     # Headers the provider's edge needs besides the token (a preview or traffic token, a Host), as encrypted JSON.
     daemon_headers: str | None = None
     attempts: int = 0
-    terminate_requested: bool = False
     created_at: float
     expires_at: float | None = None  # the sandbox's expiry once one exists
 
@@ -168,6 +170,12 @@ class Store:
     def expired(self, now: float) -> list[str]:
         """Requests not failed or terminated whose ttl has run out by ``now``."""
         return [str(m) for m in self.redis.zrangebyscore(f"{PREFIX}live", "-inf", now)]
+
+    def request_terminate(self, request_id: str) -> None:
+        self.redis.set(f"{PREFIX}terminate:{request_id}", "1", ex=self.retention_seconds)
+
+    def terminate_requested(self, request_id: str) -> bool:
+        return bool(self.redis.exists(f"{PREFIX}terminate:{request_id}"))
 
     def token_of(self, record: SessionRecord) -> SecretStr | None:
         return self.cipher.decrypt(record.daemon_token) if record.daemon_token else None

@@ -87,8 +87,7 @@ class Teardown:
             return record.result
         if not record.result.state.terminal:
             # A bring-up is in flight: flag it; the pipeline stops at its next stage and compensates.
-            record.terminate_requested = True
-            self.store.put(record)
+            self.store.request_terminate(request_id)
             if self.store.lease_holder(request_id) is not None:
                 return self._wait_terminated(request_id)
         self.end(record)

@@ -1,0 +1,180 @@
+"""The pipeline on the fake provider and an in-memory Redis: stages, compensation, adoption, terminate and a lost
+lease, in seconds and without a Redis server or a Docker engine (the integration suites prove the same against
+the real ones)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+
+from providers.base import LABEL_OWNER, LABEL_REQUEST_ID
+from providers.fake import FakeProvider, StandInDaemons
+from worker.config import Settings, get_settings
+from worker.credentials.broker import CredentialBroker, NoCredentials
+from worker.errors import ProviderAuthError, ProviderError, ProviderUnavailable
+from worker.fleet import STAGES
+from worker.models import SessionResult, SessionState
+from worker.pipeline import Pipeline, ProgressHook, no_progress
+from worker.retries import RetryLater
+from worker.store import Cipher, Store
+
+
+class _Crash(BaseException):
+    """A worker dying mid-stage: nothing of the pipeline's own handling runs."""
+
+
+@pytest.fixture(scope="module")
+def daemons() -> Iterator[StandInDaemons]:
+    server = StandInDaemons()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def provider(daemons: StandInDaemons) -> FakeProvider:
+    return FakeProvider(daemons=daemons)
+
+
+@pytest.fixture
+def store() -> Store:
+    settings = get_settings()
+    return Store(fakeredis.FakeRedis(decode_responses=True), Cipher(settings.fernet_key))
+
+
+def _settings(**fleet: Any) -> Settings:
+    settings = get_settings()
+    update = {"stage_attempts": 2, **fleet}
+    return settings.model_copy(update={"fleet": settings.fleet.model_copy(update=update), "lease_seconds": 5})
+
+
+def _pipeline(
+    store: Store, provider: FakeProvider, progress: ProgressHook = no_progress, **fleet: Any
+) -> Pipeline:
+    broker = CredentialBroker([NoCredentials()])
+    return Pipeline(_settings(**fleet), store, lambda _name: provider, broker, progress=progress)
+
+
+def _request(request_id: str = "req-1", prompt: str | None = "hello") -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "tenant_id": "acme",
+        "agent": "mock",
+        "provider": "docker",
+        "session": {"prompt": prompt},
+    }
+
+
+def test_a_request_comes_up_through_every_stage(store: Store, provider: FakeProvider) -> None:
+    result = _pipeline(store, provider).create(_request())
+
+    assert result.state is SessionState.ready, result.error
+    assert result.reply == "mock: hello"
+    assert list(result.timings_ms) == list(STAGES)
+    [sandbox] = provider.sandboxes.values()
+    assert sandbox.labels[LABEL_REQUEST_ID] == "req-1" and LABEL_OWNER in sandbox.labels
+    record = store.get("req-1")
+    assert record is not None and record.result == result
+    assert store.token_of(record) is not None and store.lease_holder("req-1") is None
+
+
+def test_a_duplicate_gets_the_first_result_and_no_second_sandbox(store: Store, provider: FakeProvider) -> None:
+    first = _pipeline(store, provider).create(_request())
+    again = _pipeline(store, provider).create(_request())
+
+    assert again == first and provider.calls.count("start") == 1
+
+
+def test_bad_input_fails_naming_the_field_and_creates_nothing(store: Store, provider: FakeProvider) -> None:
+    result = _pipeline(store, provider).create({**_request(), "sandbox": {"ttl_seconds": 0}})
+
+    assert result.state is SessionState.failed and result.error is not None
+    assert result.error.code == "invalid_request" and result.error.field == "sandbox.ttl_seconds"
+    assert provider.calls == [] and store.get("req-1") is None
+
+
+def test_a_permanent_provider_error_fails_at_once_and_frees_the_quota(store: Store, provider: FakeProvider) -> None:
+    provider.fail("start", ProviderAuthError("bad key", provider="fake"))
+    pipeline = _pipeline(store, provider, provider_sandboxes={"docker": 1})
+
+    failed = pipeline.create(_request("req-1"))
+    assert failed.state is SessionState.failed and failed.error is not None
+    assert (failed.error.code, failed.error.stage) == ("provider_auth", "sandbox")
+    assert provider.calls.count("start") == 1 and provider.sandboxes == {}
+    # The quota of one live sandbox was released: the next request gets it.
+    assert pipeline.create(_request("req-2")).state is SessionState.ready
+
+
+def test_a_transient_error_is_retried_in_the_stage_then_left_to_the_task(store: Store, provider: FakeProvider) -> None:
+    provider.fail("start", *[ProviderUnavailable("503", provider="fake")] * 2)
+
+    with pytest.raises(RetryLater) as raised:
+        _pipeline(store, provider).create(_request())
+
+    assert raised.value.error.code == "provider_unavailable" and provider.calls.count("start") == 2
+    record = store.get("req-1")
+    assert record is not None and record.result.state is SessionState.queued and provider.sandboxes == {}
+    # The next attempt starts clean and succeeds.
+    assert _pipeline(store, provider).create(_request()).state is SessionState.ready
+
+
+def test_a_failure_after_the_sandbox_exists_removes_it(store: Store, provider: FakeProvider) -> None:
+    provider.fail("spawn", ProviderError("launcher exited 1", provider="fake"))
+
+    result = _pipeline(store, provider).create(_request())
+
+    assert result.state is SessionState.failed and result.error is not None and result.error.stage == "daemon"
+    assert provider.calls.count("start") == 1 and provider.sandboxes == {}
+    assert result.sandbox_id is None and result.daemon_url is None
+
+
+def test_terminate_during_bring_up_stops_at_the_next_stage(store: Store, provider: FakeProvider) -> None:
+    def terminate_at_daemon(stage: str, result: SessionResult) -> None:
+        if stage == "daemon":  # a client asks while the daemon starts; the pipeline stops before the session
+            store.request_terminate(result.request_id)
+
+    result = _pipeline(store, provider, progress=terminate_at_daemon).create(_request())
+
+    assert result.state is SessionState.terminated and result.error is not None
+    assert result.error.stage == "session" and provider.sandboxes == {}
+
+
+def test_terminate_of_a_ready_session_removes_its_sandbox(store: Store, provider: FakeProvider) -> None:
+    pipeline = _pipeline(store, provider)
+    pipeline.create(_request())
+
+    assert pipeline.teardown.terminate("req-1").state is SessionState.terminated
+    assert provider.sandboxes == {} and pipeline.teardown.terminate("req-1").state is SessionState.terminated
+
+
+def test_a_redelivery_adopts_the_sandbox_a_dead_worker_left(store: Store, provider: FakeProvider) -> None:
+    def crash_at_session(stage: str, result: SessionResult) -> None:
+        if stage == "session":
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        _pipeline(store, provider, progress=crash_at_session).create(_request())
+    [left] = provider.sandboxes
+
+    result = _pipeline(store, provider).create(_request())
+
+    assert result.state is SessionState.ready and result.sandbox_id == left
+    assert provider.calls.count("start") == 1  # adopted, not started again
+    record = store.get("req-1")
+    assert record is not None and record.attempts == 2
+
+
+def test_a_worker_that_lost_its_lease_stops_and_leaves_the_sandbox(store: Store, provider: FakeProvider) -> None:
+    def lose_the_lease(stage: str, result: SessionResult) -> None:
+        if stage == "daemon":
+            store.redis.set(f"sw:lease:{result.request_id}", "another-worker")
+            time.sleep(2.5)  # one heartbeat (every lease_seconds / 3) notices
+
+    with pytest.raises(RetryLater) as raised:
+        _pipeline(store, provider, progress=lose_the_lease).create(_request())
+
+    assert raised.value.error.code == "busy"
+    assert len(provider.sandboxes) == 1 and store.lease_holder("req-1") == "another-worker"

@@ -62,7 +62,7 @@ class StandInDaemons:
         app = Starlette(
             routes=[
                 Route("/d/{sandbox}/v1/health", self._health),
-                Route("/d/{sandbox}/v1/agents", self._agents),
+                Route("/d/{sandbox}/v1/agents/{agent}", self._agents),
                 Route("/d/{sandbox}/v1/acp/{server}", self._acp, methods=["GET", "POST"]),
             ]
         )
@@ -98,7 +98,8 @@ class StandInDaemons:
     async def _agents(self, request: Request) -> Response:
         if not self._authorised(request):
             return JSONResponse({"type": "urn:sandbox-agent:error:token_invalid"}, status_code=401)
-        return JSONResponse({"agents": [{"id": "mock", "installed": True, "credentialsAvailable": True}]})
+        agent = request.path_params["agent"]
+        return JSONResponse({"id": agent, "installed": agent == "mock", "version": "builtin"})
 
     async def _acp(self, request: Request) -> Response:
         if not self._authorised(request):
@@ -201,9 +202,7 @@ class FakeProvider(Provider):
             self.daemons.tokens.pop(sandbox.sandbox_id, None)
         return ExecResult(0, "", "")
 
-    def spawn(
-        self, sandbox: Sandbox, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, log_path: str
-    ) -> None:
+    def spawn(self, sandbox: Sandbox, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
         self._call("spawn")
         self._live(sandbox.sandbox_id)
         token = next(arg.partition("=")[2] for arg in argv if arg.startswith("--token="))

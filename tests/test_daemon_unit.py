@@ -107,7 +107,7 @@ def test_prompt_reply_waits_for_the_ordered_event_stream() -> None:
     try:
         acp.initialize(timeout=5)
         session_id = acp.new_session("/workspace", timeout=5)
-        assert acp.prompt(session_id, "hello", timeout=10) == "mock: hello"
+        assert acp.prompt(session_id, "hello", timeout=10).text == "mock: hello"
     finally:
         acp.detach()
         client.close()

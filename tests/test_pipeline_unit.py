@@ -51,9 +51,7 @@ def _settings(**fleet: Any) -> Settings:
     return settings.model_copy(update={"fleet": settings.fleet.model_copy(update=update), "lease_seconds": 5})
 
 
-def _pipeline(
-    store: Store, provider: FakeProvider, progress: ProgressHook = no_progress, **fleet: Any
-) -> Pipeline:
+def _pipeline(store: Store, provider: FakeProvider, progress: ProgressHook = no_progress, **fleet: Any) -> Pipeline:
     broker = CredentialBroker([NoCredentials()])
     return Pipeline(_settings(**fleet), store, lambda _name: provider, broker, progress=progress)
 

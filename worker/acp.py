@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,9 +22,10 @@ import httpx
 from httpx_sse import connect_sse
 
 from worker.daemon import DaemonClient, raise_for_problem
-from worker.errors import AgentError, DaemonUnreachable
+from worker.errors import AgentError, DaemonUnreachable, LLMAuthFailed, LLMRateLimited
+from worker.models import PermissionPolicy
 
-PermissionPolicy = Callable[[dict[str, Any]], dict[str, Any]]
+PermissionAnswer = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def approve_permissions(params: dict[str, Any]) -> dict[str, Any]:
@@ -49,8 +51,36 @@ STREAM_CATCH_UP = 5.0
 # Consecutive failures to (re)open the event stream, ~0.1 s apart, before the daemon counts as lost.
 STREAM_FAILURES = 20
 
-# Headless-safe modes by agent: the permissive mode where the agent has one, so no prompt waits for a human.
-HEADLESS_MODES: dict[str, str] = {"claude": "bypassPermissions", "codex": "full-access"}
+PERMISSION_ANSWERS: dict[PermissionPolicy, PermissionAnswer] = {
+    PermissionPolicy.approve: approve_permissions,
+    PermissionPolicy.reject: reject_permissions,
+}
+
+# How the agents word an LLM API's refusal of their key, or its rate limit, in a JSON-RPC error (message or data).
+_AUTH_FAILED = re.compile(r"\b401\b|unauthori[sz]ed|invalid (x-)?api[ -]key|authentication (required|failed)", re.I)
+_RATE_LIMITED = re.compile(r"\b429\b|rate[ _]limit|too many requests", re.I)
+
+
+def agent_error(method: str, error: dict[str, Any]) -> AgentError:
+    """The error class of a JSON-RPC error from the agent: an LLM API's 401 or 429 gets a code of its own."""
+    message = f"{method} failed: [{error.get('code')}] {error.get('message')}"
+    data = error.get("data")
+    detail = json.dumps(data) if data is not None else ""
+    if _AUTH_FAILED.search(message) or _AUTH_FAILED.search(detail):
+        return LLMAuthFailed(f"the LLM API refused the credential ({message})")
+    if _RATE_LIMITED.search(message) or _RATE_LIMITED.search(detail):
+        return LLMRateLimited(f"the LLM API rate-limited the session ({message})")
+    return AgentError(message)
+
+
+@dataclass
+class Turn:
+    """What one prompt produced: the agent's text, why the turn ended, token usage and the tool calls made."""
+
+    text: str = ""
+    stop_reason: str | None = None
+    usage: dict[str, int] | None = None
+    tool_calls: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,7 +89,8 @@ class _Inbox:
 
     lock: threading.Condition = field(default_factory=threading.Condition)
     responses: dict[Any, dict[str, Any]] = field(default_factory=dict)
-    chunks: dict[str, list[str]] = field(default_factory=dict)
+    turns: dict[str, Turn] = field(default_factory=dict)  # the turn in progress per session
+    text: dict[str, list[str]] = field(default_factory=dict)
     exited: dict[str, Any] | None = None
     lost: str | None = None  # why the stream cannot be reopened (the daemon or its sandbox is gone)
     last_event_id: str | None = None
@@ -74,12 +105,12 @@ class AcpConnection:
         server_id: str,
         agent: str,
         *,
-        permissions: PermissionPolicy = approve_permissions,
+        permissions: PermissionPolicy = PermissionPolicy.approve,
     ) -> None:
         self.client = client
         self.server_id = server_id
         self.agent = agent
-        self.permissions = permissions
+        self.permissions = PERMISSION_ANSWERS[permissions]
         self._ids = itertools.count(1)
         self._inbox = _Inbox()
         self._posts = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"acp-post-{server_id}")
@@ -134,21 +165,31 @@ class AcpConnection:
             "session/set_config_option", {"sessionId": session_id, "configId": "model", "value": model}, timeout=timeout
         )
 
-    def prompt(self, session_id: str, text: str, timeout: float) -> str:
-        """Send a prompt and return the agent's text for this turn."""
+    def authenticate(self, method_id: str, timeout: float) -> None:
+        self.request("authenticate", {"methodId": method_id}, timeout=timeout)
+
+    def prompt(self, session_id: str, text: str, timeout: float) -> Turn:
+        """Send a prompt and return what the agent did in this turn."""
         with self._inbox.lock:
-            self._inbox.chunks[session_id] = []
-        result = self.request(
-            "session/prompt",
-            {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]},
-            timeout=timeout,
-            from_stream=True,
-        )
-        with self._inbox.lock:
-            reply = "".join(self._inbox.chunks.pop(session_id, []))
-        if result.get("stopReason") not in (None, "end_turn", "max_tokens", "max_turn_requests"):
-            raise AgentError(f"turn ended with stopReason {result.get('stopReason')!r}")
-        return reply
+            self._inbox.turns[session_id], self._inbox.text[session_id] = Turn(), []
+        try:
+            result = self.request(
+                "session/prompt",
+                {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]},
+                timeout=timeout,
+                from_stream=True,
+            )
+        finally:
+            with self._inbox.lock:
+                turn = self._inbox.turns.pop(session_id)
+                turn.text = "".join(self._inbox.text.pop(session_id))
+        turn.stop_reason = result.get("stopReason")
+        usage = result.get("usage") or (result.get("_meta") or {}).get("usage")
+        if isinstance(usage, dict):
+            turn.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        if turn.stop_reason not in (None, "end_turn", "max_tokens", "max_turn_requests"):
+            raise AgentError(f"turn ended with stopReason {turn.stop_reason!r}")
+        return turn
 
     def request(
         self,
@@ -187,8 +228,7 @@ class AcpConnection:
                     raise AgentError(f"{method} got no reply within {timeout:g}s")
                 self._inbox.lock.wait(min(remaining, 0.1))
         if "error" in reply:
-            error = reply["error"] or {}
-            raise AgentError(f"{method} failed: [{error.get('code')}] {error.get('message')}")
+            raise agent_error(method, reply["error"] or {})
         result: dict[str, Any] = reply.get("result") or {}
         return result
 
@@ -265,6 +305,18 @@ class AcpConnection:
                 return
             time.sleep(0.1)
 
+    def _note_update(self, params: dict[str, Any]) -> None:
+        """With the inbox lock held: add a session update to the turn in progress (its text, its tool calls)."""
+        session_id = params.get("sessionId", "")
+        update = params.get("update") or {}
+        kind = update.get("sessionUpdate")
+        if kind == "agent_message_chunk" and session_id in self._inbox.text:
+            content = update.get("content") or {}
+            if content.get("type") == "text":
+                self._inbox.text[session_id].append(content.get("text", ""))
+        elif kind == "tool_call" and session_id in self._inbox.turns:
+            self._inbox.turns[session_id].tool_calls.append(str(update.get("title") or update.get("kind") or "tool"))
+
     def _dispatch(self, data: str) -> None:
         try:
             envelope = json.loads(data)
@@ -275,12 +327,7 @@ class AcpConnection:
             if method is None and "id" in envelope:
                 self._inbox.responses[envelope["id"]] = envelope
             elif method == "session/update":
-                params = envelope.get("params") or {}
-                update = params.get("update") or {}
-                if update.get("sessionUpdate") == "agent_message_chunk":
-                    content = update.get("content") or {}
-                    if content.get("type") == "text":
-                        self._inbox.chunks.setdefault(params.get("sessionId", ""), []).append(content.get("text", ""))
+                self._note_update(envelope.get("params") or {})
             elif method == "_adapter/agent_exited":
                 self._inbox.exited = envelope.get("params") or {}
             self._inbox.lock.notify_all()

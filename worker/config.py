@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     health_timeout: float = Field(20.0, gt=0, description="Seconds for the daemon to answer /v1/health.")
     session_timeout: float = Field(60.0, gt=0, description="Seconds for initialize and session/new.")
     prompt_timeout: float = Field(300.0, gt=0, description="Seconds for the first prompt's turn.")
+    llm_retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="Retries an agent makes of a failed LLM API call (Claude Code's CLAUDE_CODE_MAX_RETRIES, Codex's "
+        "request/stream retries), so a bad key or an outage surfaces in seconds rather than minutes.",
+    )
 
     task_soft_time_limit: int = Field(900, gt=0, description="Celery soft time limit of one bring-up (s).")
     task_time_limit: int = Field(960, gt=0, description="Celery hard time limit of one bring-up (s).")

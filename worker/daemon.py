@@ -118,6 +118,21 @@ def stop_daemon(provider: Provider, sandbox: Sandbox) -> None:
         raise DaemonError(f"could not stop the previous daemon (exit code {result.exit_code})")
 
 
+def check_agent(client: DaemonClient, agent: str) -> None:
+    """The daemon has ``agent`` installed, at the pinned version where we pin one (``mock`` is ours)."""
+    info = client.get_json(f"/v1/agents/{agent}", config="true")
+    if not info.get("installed"):
+        raise AgentError(
+            f"agent {agent} is not installed in the sandbox image (see docs/providers.md for the images that carry it)"
+        )
+    expected = pins.AGENT_VERSIONS.get(agent)
+    found = str(info.get("version") or "")
+    if expected is not None and found != expected:
+        raise AgentError(
+            f"agent {agent} in the sandbox is version {found[:80]!r}, the worker is pinned to {expected!r}"
+        )
+
+
 def daemon_log_tail(provider: Provider, sandbox: Sandbox, lines: int = 15) -> str:
     """The end of the daemon's log, for error messages. Best effort."""
     try:

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 
 from pydantic import SecretStr
 
+from worker.agents import AGENT_VARIABLES, AgentSetup
 from worker.credentials.agents import CREDENTIAL_VARIABLES
 from worker.credentials.base import CredentialGrant
 from worker.errors import InvalidRequest
 from worker.models import SessionRequest
 
-RESERVED_NAMES = CREDENTIAL_VARIABLES | {"HOME", "PATH", "USER", "XDG_DATA_HOME", "PWD"}
+RESERVED_NAMES = CREDENTIAL_VARIABLES | AGENT_VARIABLES | {"HOME", "PATH", "USER", "XDG_DATA_HOME", "PWD"}
 RESERVED_PREFIXES = ("SANDBOX_AGENT_", "SANDBOX_WORKER_")
 
 
@@ -38,8 +39,8 @@ def check_user_env(request: SessionRequest) -> None:
             )
 
 
-def build_environment(request: SessionRequest, grant: CredentialGrant) -> SessionEnvironment:
+def build_environment(request: SessionRequest, grant: CredentialGrant, agent: AgentSetup) -> SessionEnvironment:
     check_user_env(request)
     user_env = dict(request.sandbox.env)
-    daemon_env: dict[str, SecretStr | str] = {**user_env, **grant.plain_env, **grant.env}
+    daemon_env: dict[str, SecretStr | str] = {**user_env, **agent.env, **grant.plain_env, **grant.env}
     return SessionEnvironment(sandbox_env=user_env, daemon_env=daemon_env)

@@ -16,6 +16,8 @@ whether to retry, and the result can name a stable ``code``::
     │   ├── DaemonUnhealthy            daemon_unhealthy  no
     │   └── DaemonUnreachable          daemon_unreachable yes
     ├── AgentError                     agent_error       no
+    │   ├── LLMAuthFailed              llm_auth_failed   no   (the LLM API refused the key)
+    │   └── LLMRateLimited             llm_rate_limited  no   (429 through the agent's own retries)
     ├── CapacityTimeout                capacity_timeout  no   (waited its whole allowance for a slot)
     ├── TooManyAttempts                too_many_attempts no   (retries, redeliveries and takeovers, together)
     ├── StoreUnavailable               store_unavailable yes  (Redis unreachable through reconnects)
@@ -130,6 +132,18 @@ class AgentError(SandboxWorkerError):
     """The agent behind the daemon failed (install, crash, JSON-RPC error)."""
 
     code = "agent_error"
+
+
+class LLMAuthFailed(AgentError):
+    """The LLM API refused the session's credential (a wrong, revoked or expired key)."""
+
+    code = "llm_auth_failed"
+
+
+class LLMRateLimited(AgentError):
+    """The LLM API kept answering 429 (rate limit or quota) through the agent's own retries."""
+
+    code = "llm_rate_limited"
 
 
 class CapacityTimeout(SandboxWorkerError):

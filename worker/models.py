@@ -68,6 +68,13 @@ class SessionState(StrEnum):
         return self in (SessionState.ready, SessionState.failed, SessionState.terminated)
 
 
+class PermissionPolicy(StrEnum):
+    """How the worker answers an agent's permission requests (a tool about to run) while it drives the session."""
+
+    approve = "approve"  # run tools without asking: the sandbox is the boundary (headless default)
+    reject = "reject"  # refuse every tool the agent asks about; the turn still ends
+
+
 class InstallMode(StrEnum):
     preinstalled = "preinstalled"
     upload = "upload"
@@ -119,6 +126,11 @@ class SessionOptions(_Strict):
     prompt: str | None = Field(None, max_length=100_000, description="First prompt, sent once the session exists.")
     model: str | None = Field(None, max_length=128, description="Agent model option (session/set_config_option).")
     mode: str | None = Field(None, max_length=64, description="Agent mode; a headless-safe default when absent.")
+    permissions: PermissionPolicy = Field(
+        PermissionPolicy.approve,
+        description="How the worker answers the agent's permission requests: 'approve' runs tools without asking "
+        "(the sandbox is the boundary), 'reject' refuses them. Requests are never left waiting.",
+    )
 
 
 class SessionRequest(_Strict):
@@ -161,6 +173,11 @@ class SessionResult(_Strict):
     server_id: str | None = None
     session_id: str | None = None
     reply: str | None = Field(None, description="The agent's reply to the first prompt, when one was sent.")
+    stop_reason: str | None = Field(None, description="Why the first prompt's turn ended (ACP stopReason).")
+    usage: dict[str, int] | None = Field(None, description="Token usage of the first prompt, as the agent reported it.")
+    tool_calls: list[str] = Field(
+        default_factory=list, description="The tool calls of the first prompt's turn (their titles), in order."
+    )
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: ErrorInfo | None = None
     updated_at: float = Field(default_factory=time.time)

@@ -43,3 +43,7 @@ CODEX_ACP_INTEGRITY = "sha512-xs5zZBLpJuciEbZNx6ZSNL0qCa9h3i/zWpj40sp6QtF+L4Ow/7
 OPENCODE_VERSION = "1.18.33"
 OPENCODE_NPM_PACKAGE = "opencode-linux-x64"
 OPENCODE_INTEGRITY = "sha512-q/t/3p2CTxOT9y2kvjesb/LZab2+1eqlhhWA02Be6mjTtmYtNBcBsrI5yDo4Fw7ZSPBW2oyMIGMNRqiKQjiAWw=="
+
+# What the daemon reports as each agent's version (`GET /v1/agents/{id}?config=true`, from `<agent> --version`):
+# the daemon stage refuses a sandbox whose agent differs. claude-agent-acp 0.23.1 bundles Claude Code 2.1.83.
+AGENT_VERSIONS = {"claude": "2.1.83", "codex": f"codex-acp {CODEX_ACP_VERSION}", "opencode": OPENCODE_VERSION}

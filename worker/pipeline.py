@@ -38,8 +38,10 @@ from providers.base import (
     SandboxSpec,
 )
 from worker import daemon
-from worker.acp import HEADLESS_MODES, AcpConnection
+from worker.acp import AcpConnection
+from worker.agents import HOME, AgentSetup, agent_setup
 from worker.config import Settings
+from worker.credentials.agents import llm_provider_for
 from worker.credentials.base import CredentialGrant
 from worker.credentials.broker import CredentialBroker
 from worker.environment import SessionEnvironment, build_environment
@@ -116,6 +118,7 @@ class _Attempt:
     adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
     token: SecretStr | None = None
     grant: CredentialGrant | None = None
+    agent: AgentSetup = field(default_factory=AgentSetup)
     acp: AcpConnection | None = None
     client: daemon.DaemonClient | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -271,7 +274,15 @@ class Pipeline:
             REDACTOR.register(grant.secret_values())
 
         with self._stage(attempt, "environment"):
-            environment = build_environment(request, grant)
+            llm = llm_provider_for(request.agent, self.credentials.effective(request).credentials.llm_provider)
+            attempt.agent = agent_setup(
+                request.agent,
+                llm,
+                dict(grant.plain_env),
+                permissions=request.session.permissions,
+                llm_retries=settings.llm_retries,
+            )
+            environment = build_environment(request, grant, attempt.agent)
 
         with contextlib.ExitStack() as slots:
             with self._stage(attempt, "sandbox"):
@@ -377,9 +388,10 @@ class Pipeline:
         self.store.put(record)
         retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
         retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
-        for path, content in grant.files.items():
-            data = content.get_secret_value().encode()
-            retry(functools.partial(provider.upload, sandbox, f"/root/{path}", data, mode=0o600))
+        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
+        for path, content in files.items():
+            upload = functools.partial(provider.upload, sandbox, f"{HOME}/{path}", content.encode(), mode=0o600)
+            retry(upload)
         start = functools.partial(
             daemon.start_daemon,
             provider,
@@ -399,6 +411,7 @@ class Pipeline:
             if tail:
                 exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
             raise
+        daemon.check_agent(client, request.agent.value)
         record.result.daemon_url = endpoint.url
         record.daemon_headers = self.store.seal_headers(endpoint.headers)
         return client
@@ -406,17 +419,25 @@ class Pipeline:
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record
         server_id = f"sw-{request.request_id}-{record.attempts}"
-        acp = attempt.acp = AcpConnection(client, server_id, request.agent.value)
+        acp = attempt.acp = AcpConnection(
+            client, server_id, request.agent.value, permissions=request.session.permissions
+        )
         acp.initialize(timeout=settings.session_timeout)
+        if attempt.agent.auth_method:
+            acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
         session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
-        mode = request.session.mode or HEADLESS_MODES.get(request.agent.value)
+        mode = request.session.mode or attempt.agent.mode
         if mode:
             acp.set_mode(session_id, mode, timeout=settings.session_timeout)
         if request.session.model:
             acp.set_model(session_id, request.session.model, timeout=settings.session_timeout)
         record.result.server_id, record.result.session_id = server_id, session_id
         if request.session.prompt:
-            record.result.reply = acp.prompt(session_id, request.session.prompt, timeout=settings.prompt_timeout)
+            turn = acp.prompt(session_id, request.session.prompt, timeout=settings.prompt_timeout)
+            # Agent output may echo a secret (a prompt-injected agent, a careless tool): redact it before it is kept.
+            record.result.reply = REDACTOR.redact(turn.text)
+            record.result.stop_reason, record.result.usage = turn.stop_reason, turn.usage
+            record.result.tool_calls = [REDACTOR.redact(title) for title in turn.tool_calls]
 
     # -- failure ------------------------------------------------------------------------------------------
     @staticmethod

@@ -77,12 +77,13 @@ class BridgeServer(ThreadedServer):
 def build_agent_image(client: docker.DockerClient, tag: str) -> str:
     """The sandbox image with ``claude`` and ``codex`` installed as the stand-in ACP agent (stub CLIs)."""
     files: dict[str, tuple[bytes, int]] = {"mock-acp": (mock_agent_script(), 0o755)}
-    files["stub"] = (b"#!/bin/sh\necho stand-in 0.0.0\n", 0o755)
     lines = [f"FROM {pins.SANDBOX_IMAGE}"]
     for agent in STUB_AGENTS:
+        # The stub CLI reports the pinned version: the daemon stage checks it.
+        files[f"stub-{agent}"] = (f"#!/bin/sh\necho '{pins.AGENT_VERSIONS[agent]}'\n".encode(), 0o755)
         lines += [
             f"COPY mock-acp {AGENT_DATA}/agent_processes/{agent}-acp",
-            f"COPY stub {AGENT_DATA}/{agent}",
+            f"COPY stub-{agent} {AGENT_DATA}/{agent}",
         ]
     files["Dockerfile"] = ("\n".join(lines).encode() + b"\n", 0o644)
     context = io.BytesIO()
@@ -322,7 +323,7 @@ class Session:
             with AcpConnection(client, f"probe-{uuid.uuid4().hex[:8]}", self.agent) as acp:
                 acp.initialize(timeout=30)
                 session_id = acp.new_session("/workspace", timeout=30)
-                return acp.prompt(session_id, text, timeout=60)
+                return acp.prompt(session_id, text, timeout=60).text
         finally:
             client.close()
 

@@ -146,7 +146,7 @@ def test_responses_tool_scenario_calls_exec_command_then_finishes(api: LLMApi, c
 
 def test_accepted_keys_refuse_any_other_key_in_each_apis_shape(api: LLMApi, client: Client) -> None:
     """With accepted_keys, another key (or none) gets a 401 shaped like the real API's."""
-    api.accepted_keys = {"good"}
+    api.accepted = {"good"}
     refused = client.post("/v1/messages", json=anthropic_body("x"), headers={"x-api-key": "bad"})
     assert refused.status_code == 401
     assert refused.json()["error"]["type"] == "authentication_error"

@@ -75,6 +75,9 @@ class GatewayStandIn:
         self.minted: list[MintedRecord] = []
         self.llm_calls: list[tuple[str, str]] = []  # (path, key)
         self.spend_usd: dict[str, float] = {}  # by key id
+        # Where an authorised LLM call goes: None answers a fixed reply; an LLM API stand-in (tests/standins/llm_api.py)
+        # serves real agents, which stream.
+        self.upstream: Any = None
 
     def management_routes(self) -> list[Route]:
         raise NotImplementedError
@@ -86,6 +89,8 @@ class GatewayStandIn:
         llm = [
             Route(f"{self.llm_prefix}/chat/completions", self.llm, methods=["POST"]),
             Route(f"{self.llm_prefix}/messages", self.llm, methods=["POST"]),
+            Route(f"{self.llm_prefix}/responses", self.llm, methods=["POST"]),
+            Route("/", self.root, methods=["GET", "HEAD"]),
         ]
         return Starlette(routes=[*self.management_routes(), *llm])
 
@@ -130,7 +135,14 @@ class GatewayStandIn:
         if key is None or key not in {m.key for m in self.live()}:
             return JSONResponse({"error": {"message": "unknown or revoked key"}}, 401)
         self.llm_calls.append((request.url.path, key))
+        if self.upstream is not None:
+            handler = self.upstream.responses if request.url.path.endswith("/responses") else self.upstream.messages
+            response: Response = await handler(request)
+            return response
         return JSONResponse({"id": "gw-standin", "content": [{"type": "text", "text": "pong from the gateway"}]})
+
+    async def root(self, request: Request) -> Response:
+        return Response(status_code=200)  # Claude Code probes the API's root first
 
 
 class OpenRouterStandIn(GatewayStandIn):

@@ -23,7 +23,7 @@ Scenarios (``LLMApi.scenario``, or per prompt: ``[scenario:NAME]`` anywhere in t
     slow   the text reply, after ``slow_seconds`` with nothing sent
 
 A request that offers no tools (title generation, quota probes) always gets a text reply, whatever the scenario.
-``accepted_keys`` makes any other (or a missing) credential a 401. Replies never contain a credential.
+``accepted`` makes any other (or a missing) credential a 401. Replies never contain a credential.
 
 Run by hand (binding a container-reachable address such as the Docker bridge, never 0.0.0.0)::
 
@@ -142,20 +142,20 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 class LLMApi:
-    """The stand-in's state and ASGI app. ``scenario`` and ``accepted_keys`` may be changed between turns."""
+    """The stand-in's state and ASGI app. ``scenario`` and ``accepted`` may be changed between turns."""
 
     def __init__(
         self,
         scenario: str = "text",
         *,
-        accepted_keys: Iterable[str] | None = None,
+        accepted: Iterable[str] | None = None,
         slow_seconds: float = 30.0,
         tool_file: str = "file.txt",
         tool_content: str = "hi",
         log_requests: bool = False,
     ) -> None:
         self.scenario = scenario
-        self.accepted_keys = set(accepted_keys) if accepted_keys is not None else None
+        self.accepted = set(accepted) if accepted is not None else None
         self.slow_seconds = slow_seconds
         self.tool_file = tool_file
         self.tool_content = tool_content
@@ -237,7 +237,7 @@ class LLMApi:
         return record, body
 
     def _decide(self, record: LLMRequest) -> str:
-        if self.accepted_keys is not None and record.credential not in self.accepted_keys:
+        if self.accepted is not None and record.credential not in self.accepted:
             return "401"
         mark = _SCENARIO_MARK.search(record.prompt)
         scenario = mark.group(1) if mark and mark.group(1) in SCENARIOS else self.scenario
@@ -283,9 +283,9 @@ class LLMApi:
             self.scenario = str(body.get("scenario"))
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, 400)
-        if "accepted_keys" in body:
-            keys = body["accepted_keys"]
-            self.accepted_keys = set(keys) if keys is not None else None
+        if "accepted" in body:
+            keys = body["accepted"]
+            self.accepted = set(keys) if keys is not None else None
         if "slow_seconds" in body:
             self.slow_seconds = float(body["slow_seconds"])
         return JSONResponse({"scenario": self.scenario})
@@ -601,7 +601,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--scenario", default="text", choices=SCENARIOS)
-    parser.add_argument("--accepted-key", action="append", dest="accepted_keys", help="repeatable; others get 401")
+    parser.add_argument("--accepted-key", action="append", dest="accepted", help="repeatable; others get 401")
     parser.add_argument("--slow-seconds", type=float, default=30.0)
     parser.add_argument("--quiet", action="store_true", help="do not print one JSON line per request")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -612,7 +612,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         args.scenario,
         host=args.host,
         port=args.port,
-        accepted_keys=args.accepted_keys,
+        accepted=args.accepted,
         slow_seconds=args.slow_seconds,
         log_requests=not args.quiet,
     )

@@ -24,7 +24,9 @@ typecheck: setup
 test: lint typecheck
 	$(BIN)/pytest -p no:cacheprovider
 
-unit: setup
+# Unit tests only: pure logic and the pipeline on the fake provider; needs neither Redis nor Docker.
+unit:
+	scripts/setup.sh --venv-only
 	$(BIN)/pytest -p no:cacheprovider -m "not integration"
 
 bench: setup

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Machine setup for sandbox-worker development, tests and CI (Debian 12, run as root).
 # Idempotent: every step is skipped when already satisfied, so a second run takes seconds.
+# `--venv-only` does step 4 alone (what `make unit` needs: no Redis, no Docker).
 #   1. apt packages: redis-server, docker.io, debootstrap (+ npm, python3-venv when missing)
 #   2. redis-server on 127.0.0.1:6379
 #   3. dockerd (no systemd here: started in the background, log in /var/log/dockerd.log)
@@ -133,6 +134,11 @@ step_venv() {
 
 main() {
     local start=$SECONDS
+    if [[ "${1:-}" == --venv-only ]]; then # `make unit`: the Python environment only, no services or images
+        command -v "$PYTHON" >/dev/null || apt_install python3 python3-venv
+        step_venv
+        return 0
+    fi
     step_packages
     load_pins
     step_redis

@@ -30,6 +30,9 @@ from worker.models import GatewayBackend
 from worker.secret_store import SecretStore
 from worker.store import Store
 
+# Every test here uses Redis (the store, the secret store, the gateways' mint locks).
+pytestmark = pytest.mark.integration
+
 pytest_plugins = ["tests.standins.credential_fixtures"]
 
 STANDINS: dict[GatewayBackend, tuple[type[GatewayStandIn], str]] = {

@@ -24,6 +24,9 @@ from worker.models import CredentialsSpec, LLMProvider, SessionRequest, Strategy
 from worker.secret_store import SecretStore
 from worker.store import Cipher, Store
 
+# Every test here uses Redis (the store, the secret store, the gateways' mint locks).
+pytestmark = pytest.mark.integration
+
 VALUE = "sk-ant-" + "s" * 30
 
 

@@ -37,6 +37,9 @@ from worker.redaction import MASK
 from worker.secret_store import SecretStore
 from worker.store import Store
 
+# Every test here uses Redis (the store, the secret store, the gateways' mint locks).
+pytestmark = pytest.mark.integration
+
 pytest_plugins = ["tests.standins.credential_fixtures"]
 
 REAL = "sk-ant-real-" + "x" * 24

@@ -43,10 +43,11 @@ def stack(
         provider_api=provider_api,  # type: ignore[arg-type]
         vault_api=LLMApi(),  # type: ignore[arg-type]
     )
-    for gateway in stack.gateways.values():
-        gateway.upstream = provider_api
     try:
-        yield stack.start()
+        stack.start()
+        for gateway in stack.gateways.values():
+            gateway.upstream = provider_api
+        yield stack
     finally:
         stack.stop()
 

@@ -11,6 +11,9 @@ from worker.errors import ConfigurationError
 from worker.models import SessionRequest, SessionState
 from worker.store import PREFIX, Cipher, Store
 
+# Every test here uses Redis (the store, the secret store, the gateways' mint locks).
+pytestmark = pytest.mark.integration
+
 
 def _request(request_id: str) -> SessionRequest:
     return SessionRequest(request_id=request_id, tenant_id="acme", agent="mock", provider="docker")  # type: ignore[arg-type]

@@ -27,39 +27,6 @@ image_label() { # image label -> value, empty when absent
     printf '%s\n' "$v"
 }
 
-# The Debian mirror the host already uses (deb822 or one-line format), else deb.debian.org.
-debian_mirror() {
-    if [[ -n "${SANDBOX_WORKER_DEBIAN_MIRROR:-}" ]]; then
-        printf '%s\n' "$SANDBOX_WORKER_DEBIAN_MIRROR"
-        return
-    fi
-    python3 - <<'PY'
-import glob, re
-found = None
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    for stanza in re.split(r"\n\s*\n", open(path, encoding="utf-8", errors="replace").read()):
-        fields = {}
-        for line in stanza.splitlines():
-            m = re.match(r"^([A-Za-z-]+):\s*(.*)$", line)
-            if m:
-                fields[m.group(1).lower()] = m.group(2).split()
-        if "bookworm" in fields.get("suites", []) and "deb" in fields.get("types", ["deb"]):
-            uris = [u for u in fields.get("uris", []) if u.startswith("http")]
-            if uris:
-                found = found or uris[0]
-for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-    try:
-        lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
-    except OSError:
-        continue
-    for line in lines:
-        parts = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-        if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm" and parts[1].startswith("http"):
-            found = found or parts[1]
-print(found or "http://deb.debian.org/debian")
-PY
-}
-
 # apt sources for the image build: the host's Debian entries for bookworm, -updates and -security (main
 # component), SANDBOX_WORKER_DEBIAN_MIRROR replacing the first two when set; else deb.debian.org.
 apt_sources() {
@@ -98,6 +65,9 @@ for suite in suites:
         print(f"deb {found[suite]} {suite} main")
 PY
 }
+
+# The Debian mirror of bookworm itself, for debootstrap.
+debian_mirror() { apt_sources | awk '$3 == "bookworm" { print $2; exit }'; }
 
 build_base_with_debootstrap() {
     command -v debootstrap >/dev/null || die "debootstrap is not installed (run scripts/setup.sh)"

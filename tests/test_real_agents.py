@@ -15,12 +15,11 @@ import docker
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import wait_for
 from tests.standins.credentials import CredentialStack, bridge_address, bring_up
 from tests.standins.llm_api import LLMApi
-from worker import pins
+from worker import daemon, pins, runtime
 from worker.credentials.vault import Vault, VaultCredential, VaultStore
-from worker.models import SessionState
+from worker.models import ProviderName, SessionState
 
 pytestmark = pytest.mark.integration
 
@@ -222,8 +221,13 @@ def test_no_adapter_outlives_its_daemon(
     sandbox_id = session.result.sandbox_id
     assert _adapters(docker_client, sandbox_id), "the session's adapter should be running"
 
-    stop = "for p in /proc/[0-9]*; do case $(tr '\\0' ' ' < $p/cmdline 2>/dev/null) in *'sandbox-agent server'*) kill ${p#/proc/};; esac; done"
-    docker_client.containers.get(sandbox_id).exec_run(["sh", "-c", stop])
+    driver = runtime.provider(ProviderName.docker)
+    sandbox = driver.find(sandbox_id)
+    assert sandbox is not None
+    daemon.stop_daemon(driver, sandbox)  # what adoption does before it starts the new attempt's daemon
 
-    assert wait_for(lambda: not _adapters(docker_client, sandbox_id), 15, 0.25, "the adapters to exit") is True
+    deadline = time.monotonic() + 15
+    while (left := _adapters(docker_client, sandbox_id)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not left, left
     session_client.terminate(request["request_id"])

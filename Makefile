@@ -9,8 +9,10 @@ BIN := $(VENV)/bin
 setup:
 	scripts/setup.sh
 
+# AGENT=claude (default), codex, opencode or mock: a real session against the demo's stand-in LLM API.
+AGENT ?= claude
 demo: setup
-	scripts/demo.sh
+	AGENT=$(AGENT) BIN=$(BIN) scripts/demo.sh
 
 lint: setup
 	$(BIN)/ruff check .
@@ -29,5 +31,8 @@ unit:
 	scripts/setup.sh --venv-only
 	$(BIN)/pytest -p no:cacheprovider -m "not integration"
 
+# RUNS cold bring-ups per agent (BENCH_AGENTS) and of the baseline; results also in bench/results.json.
+RUNS ?= 3
+BENCH_AGENTS ?= mock,claude,codex
 bench: setup
-	$(BIN)/python -m bench.bringup
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m bench.bringup --runs $(RUNS) --agents $(BENCH_AGENTS)

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from providers.base import Endpoint
-from worker.acp import AcpConnection, approve_permissions, reject_permissions
+from worker.acp import AcpConnection, Turn, agent_error, approve_permissions, reject_permissions
 from worker.daemon import DaemonClient, raise_for_problem
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
 
@@ -111,3 +111,27 @@ def test_prompt_reply_waits_for_the_ordered_event_stream() -> None:
     finally:
         acp.detach()
         client.close()
+
+
+def test_a_turn_names_each_tool_call_by_its_latest_title() -> None:
+    """Claude Code titles a Bash call "Terminal" and puts the command in an update; each call is listed once."""
+    turn = Turn()
+    turn.note_tool_call({"sessionUpdate": "tool_call", "toolCallId": "a", "title": "Terminal", "kind": "execute"})
+    turn.note_tool_call({"sessionUpdate": "tool_call_update", "toolCallId": "a", "title": "echo hi > file.txt"})
+    turn.note_tool_call({"sessionUpdate": "tool_call_update", "toolCallId": "a", "status": "completed"})
+    turn.note_tool_call({"sessionUpdate": "tool_call", "toolCallId": "b", "kind": "read"})
+    assert turn.tool_calls == ["echo hi > file.txt", "read"]
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        ({"message": "Internal error: Invalid API key · Fix external API key"}, "llm_auth_failed"),
+        ({"message": "Internal error", "data": {"message": "unexpected status 401 Unauthorized"}}, "llm_auth_failed"),
+        ({"message": "Internal error: API Error: 429 rate_limit_error"}, "llm_rate_limited"),
+        ({"message": "Internal error: something else"}, "agent_error"),
+    ],
+)
+def test_llm_refusals_get_codes_of_their_own(data: dict[str, object], code: str) -> None:
+    """The agents' wording of an LLM API's 401 or 429 (message or data) becomes a stable error code."""
+    assert agent_error("session/prompt", {"code": -32603, **data}).code == code

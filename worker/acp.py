@@ -81,6 +81,18 @@ class Turn:
     stop_reason: str | None = None
     usage: dict[str, int] | None = None
     tool_calls: list[str] = field(default_factory=list)
+    _call_index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def note_tool_call(self, update: dict[str, Any]) -> None:
+        """A tool call, or an update of one: its title is what it did. Claude Code titles a call generically
+        ("Terminal") and puts the command in a later update; Codex titles it with the command."""
+        call_id = str(update.get("toolCallId") or len(self.tool_calls))
+        title = update.get("title")
+        if call_id not in self._call_index:
+            self._call_index[call_id] = len(self.tool_calls)
+            self.tool_calls.append(str(title or update.get("kind") or "tool"))
+        elif title:
+            self.tool_calls[self._call_index[call_id]] = str(title)
 
 
 @dataclass
@@ -314,8 +326,11 @@ class AcpConnection:
             content = update.get("content") or {}
             if content.get("type") == "text":
                 self._inbox.text[session_id].append(content.get("text", ""))
-        elif kind == "tool_call" and session_id in self._inbox.turns:
-            self._inbox.turns[session_id].tool_calls.append(str(update.get("title") or update.get("kind") or "tool"))
+        elif kind in ("tool_call", "tool_call_update") and session_id in self._inbox.turns:
+            self._inbox.turns[session_id].note_tool_call(update)
+            text = self._inbox.text[session_id]
+            if kind == "tool_call" and text and not text[-1].endswith("\n"):
+                text.append("\n\n")  # the text before a tool call and the text after it are separate messages
 
     def _dispatch(self, data: str) -> None:
         try:

@@ -20,6 +20,7 @@ import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -411,7 +412,6 @@ class Pipeline:
             if tail:
                 exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
             raise
-        daemon.check_agent(client, request.agent.value)
         record.result.daemon_url = endpoint.url
         record.daemon_headers = self.store.seal_headers(endpoint.headers)
         return client
@@ -422,7 +422,11 @@ class Pipeline:
         acp = attempt.acp = AcpConnection(
             client, server_id, request.agent.value, permissions=request.session.permissions
         )
-        acp.initialize(timeout=settings.session_timeout)
+        # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
+            checked = background.submit(daemon.check_agent, client, request.agent.value)
+            acp.initialize(timeout=settings.session_timeout)
+            checked.result()
         if attempt.agent.auth_method:
             acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
         session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)

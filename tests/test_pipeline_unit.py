@@ -14,7 +14,8 @@ import pytest
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID
 from providers.fake import FakeProvider, StandInDaemons
 from worker.config import Settings, get_settings
-from worker.credentials.broker import CredentialBroker, NoCredentials
+from worker.credentials.broker import CredentialBroker
+from worker.credentials.none import NoCredentials
 from worker.errors import ProviderAuthError, ProviderError, ProviderUnavailable
 from worker.fleet import STAGES
 from worker.models import SessionResult, SessionState
@@ -51,9 +52,7 @@ def _settings(**fleet: Any) -> Settings:
     return settings.model_copy(update={"fleet": settings.fleet.model_copy(update=update), "lease_seconds": 5})
 
 
-def _pipeline(
-    store: Store, provider: FakeProvider, progress: ProgressHook = no_progress, **fleet: Any
-) -> Pipeline:
+def _pipeline(store: Store, provider: FakeProvider, progress: ProgressHook = no_progress, **fleet: Any) -> Pipeline:
     broker = CredentialBroker([NoCredentials()])
     return Pipeline(_settings(**fleet), store, lambda _name: provider, broker, progress=progress)
 

@@ -22,9 +22,9 @@ from tests.standins.credentials import CredentialStack, bring_up
 from tests.standins.gateways import GatewayStandIn, LiteLLMStandIn, OpenRouterStandIn, PortkeyStandIn
 from tests.standins.server import ThreadedServer
 from worker.config import Settings
-from worker.credentials.gateway import GatewayKeys
+from worker.credentials.gateway import GatewayKeys, GatewaySettings
 from worker.credentials.gateway_clients import CLIENTS, GatewayUnavailable
-from worker.credentials.settings import GatewayBackendSettings, GatewaySettings
+from worker.credentials.settings import GatewayBackendSettings
 from worker.errors import ConfigurationError, CredentialError
 from worker.models import GatewayBackend
 from worker.secret_store import SecretStore

@@ -14,7 +14,8 @@ import pytest
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID
 from providers.fake import FakeProvider, StandInDaemons
 from worker.config import Settings, get_settings
-from worker.credentials.broker import CredentialBroker, NoCredentials
+from worker.credentials.broker import CredentialBroker
+from worker.credentials.none import NoCredentials
 from worker.errors import ProviderAuthError, ProviderError, ProviderUnavailable
 from worker.fleet import STAGES
 from worker.models import SessionResult, SessionState

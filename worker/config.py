@@ -1,12 +1,14 @@
 """Worker settings: one ``SANDBOX_WORKER_`` prefix, nested blocks with ``__`` (``SANDBOX_WORKER_E2B__API_KEY``).
 
 Each registered provider (``providers.REGISTRY``) adds one block named after it, typed by its driver's config
-model. Nothing happens at import time beyond building the model; :func:`get_settings` reads the environment
-once per process.
+model; each registered credential strategy (``worker.credentials.REGISTRY``) that has settings adds one block
+named after it to ``credentials``, typed by its ``settings_model``. Nothing happens at import time beyond
+building the models; :func:`get_settings` reads the environment once per process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,10 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import config_models
 from providers.base import ProviderConfig
-from worker import pins
-from worker.credentials.settings import CredentialsSettings
+from worker import credentials, pins
+from worker.credentials.settings import EgressSettings, ProviderURLs, SettingsBlock
 from worker.fleet import FleetConfig
-from worker.models import InstallMode, ProviderName
+from worker.models import InstallMode, ProviderName, Strategy
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -28,19 +30,40 @@ def _default_binary() -> Path:
     return Path.home() / ".cache" / "sandbox-worker" / "sandbox-agent" / pins.SANDBOX_AGENT_VERSION / "sandbox-agent"
 
 
-_SettingsT = TypeVar("_SettingsT", bound=BaseSettings)
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
-def _with_provider_blocks(cls: type[_SettingsT]) -> type[_SettingsT]:
-    """``cls`` plus one field per registered provider, named after it and typed by its config model, so its
-    variables are ``SANDBOX_WORKER_<NAME>__*``. The fields follow the class's own, in registry order."""
-    blocks: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in config_models().items()}
-    if clashes := sorted(blocks.keys() & cls.model_fields.keys()):
-        raise TypeError(f"provider names {clashes} clash with settings of {cls.__name__}")
-    return create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **blocks)
+def _with_blocks(models: Mapping[str, type[BaseModel]], what: str) -> Callable[[type[_ModelT]], type[_ModelT]]:
+    """A class decorator: the class plus one field per entry of ``models``, named after it and typed by its
+    model (so a provider's variables are ``SANDBOX_WORKER_<NAME>__*``). The fields follow the class's own, in
+    the order of ``models``; ``what`` names the entries in the error when one clashes with a field."""
+
+    def add_blocks(cls: type[_ModelT]) -> type[_ModelT]:
+        blocks: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in models.items()}
+        if clashes := sorted(blocks.keys() & cls.model_fields.keys()):
+            raise TypeError(f"{what} names {clashes} clash with settings of {cls.__name__}")
+        return create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **blocks)
+
+    return add_blocks
 
 
-@_with_provider_blocks
+@_with_blocks(credentials.settings_models(), "credential strategy")
+class CredentialsSettings(SettingsBlock):
+    """The ``SANDBOX_WORKER_CREDENTIALS__*`` block: the pieces several strategies share, then one block per
+    registered strategy that has settings, named after it and typed by its ``settings_model``."""
+
+    provider_urls: ProviderURLs = Field(default_factory=ProviderURLs)
+    egress: EgressSettings = Field(default_factory=EgressSettings)
+
+    def strategy_settings(self, name: str, model: type[_ModelT]) -> _ModelT:
+        """The settings block of the registered strategy ``name``, which is a ``model``."""
+        block = getattr(self, Strategy(name).value)  # a field _with_blocks added
+        if not isinstance(block, model):
+            raise TypeError(f"the settings of strategy {name} are a {type(block).__name__}, not a {model.__name__}")
+        return block
+
+
+@_with_blocks(config_models(), "provider")
 class Settings(BaseSettings):
     """Everything a worker reads from its environment (see docs/configuration.md)."""
 
@@ -97,7 +120,7 @@ class Settings(BaseSettings):
 
     def provider_config(self, name: str) -> ProviderConfig:
         """The settings block of the registered provider ``name``."""
-        config = getattr(self, ProviderName(name).value)  # a field _with_provider_blocks added
+        config = getattr(self, ProviderName(name).value)  # a field _with_blocks added
         assert isinstance(config, ProviderConfig)
         return config
 

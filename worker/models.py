@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from providers import REGISTRY
+from providers import REGISTRY as PROVIDERS
+from worker.credentials import REGISTRY as STRATEGIES
 from worker.errors import InvalidRequest
 
 # Ids end up in sandbox labels and E2B metadata filters, which only survive a small alphabet.
@@ -33,16 +34,11 @@ class Agent(StrEnum):
 
 # One member per entry of the provider registry (providers/__init__.py), so adding a provider needs no edit
 # here. Members are only known at run time: code names them by value, ProviderName("docker").
-ProviderName = StrEnum("ProviderName", [(name, name) for name in REGISTRY], module=__name__)  # type: ignore[misc]
+ProviderName = StrEnum("ProviderName", [(name, name) for name in PROVIDERS], module=__name__)  # type: ignore[misc]
 
-
-class Strategy(StrEnum):
-    none = "none"
-    gateway = "gateway"
-    byok = "byok"
-    shared = "shared"
-    subscription = "subscription"
-    vault = "vault"
+# Likewise one member per entry of the credential strategy registry (worker/credentials/__init__.py), in its
+# order: Strategy("byok").
+Strategy = StrEnum("Strategy", [(name, name) for name in STRATEGIES], module=__name__)  # type: ignore[misc]
 
 
 class LLMProvider(StrEnum):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import redis
 from cryptography.fernet import Fernet, InvalidToken
@@ -31,9 +32,11 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.lock import Lock
 from redis.retry import Retry
 
-from worker.config import Settings
 from worker.errors import ConfigurationError
 from worker.models import SessionRequest, SessionResult, SessionState
+
+if TYPE_CHECKING:
+    from worker.config import Settings  # at run time worker.config imports the strategies, which import us
 
 PREFIX = "sw:"
 

@@ -4,17 +4,26 @@ A strategy turns a request into a :class:`CredentialGrant`: environment variable
 (values as ``SecretStr``) and the values to redact from anything we print. ``release`` undoes whatever the
 grant created for that request (a vault placeholder) when the session ends or its bring-up fails; it is keyed
 by the request, so a worker other than the one that granted can release.
+
+Every strategy of the registry (:mod:`worker.credentials`) subclasses :class:`RegisteredStrategy`: besides
+``grant`` and ``release``, it names its settings block (``settings_model``) and builds itself from the worker's
+settings (``from_settings``), or declines when they do not configure it.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from worker.models import SessionRequest, Strategy
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,4 +62,26 @@ class CredentialStrategy(Protocol):
         ...
 
 
-NO_CREDENTIALS = CredentialGrant(strategy=Strategy.none)
+class RegisteredStrategy(ABC):
+    """A strategy of the registry. ``name`` is its registry key; ``settings_model``, when set, is its block of
+    the settings, ``SANDBOX_WORKER_CREDENTIALS__<NAME>__*`` (read it with
+    ``settings.credentials.strategy_settings(name, model)``)."""
+
+    name: Strategy
+    settings_model: ClassVar[type[BaseModel] | None] = None
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Settings, store: Store) -> Self | None:
+        """The strategy as these settings configure it; None when they do not (the worker does not offer it)."""
+
+    @abstractmethod
+    def grant(self, request: SessionRequest) -> CredentialGrant:
+        """Credentials for this request; raises CredentialError (naming the field) when it cannot."""
+
+    @abstractmethod
+    def release(self, request: SessionRequest) -> None:
+        """Undo what ``grant`` created for this request. Idempotent."""
+
+
+NO_CREDENTIALS = CredentialGrant(strategy=Strategy("none"))

@@ -3,7 +3,8 @@
 A request names its strategy in ``credentials.strategy``; when it names none, the tenant's default
 (``sandbox-worker tenant set-default``) supplies the strategy and its references, and whatever the request
 does set (``llm_provider``, say) still wins. Without either, the mock agent gets no credentials and any other
-agent is refused. A strategy is registered only when the worker's settings configure it.
+agent is refused. A worker offers each registered strategy (:data:`worker.credentials.REGISTRY`) whose
+``from_settings`` finds it configured.
 """
 
 from __future__ import annotations
@@ -11,13 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from worker.credentials.base import NO_CREDENTIALS, CredentialGrant, CredentialStrategy
-from worker.credentials.byok import BringYourOwnKey
-from worker.credentials.gateway import GatewayKeys, PerTenantGateway
-from worker.credentials.gateway_clients import CLIENTS
-from worker.credentials.shared import SharedOrgKey
-from worker.credentials.subscription import PersonalSubscription
-from worker.credentials.vault import Placeholders, VaultStore, VaultStrategy
+from worker.credentials import REGISTRY, strategy_class
+from worker.credentials.base import CredentialGrant, CredentialStrategy
+from worker.credentials.gateway import gateway_keys
 from worker.errors import CredentialError
 from worker.models import Agent, CredentialsSpec, SessionRequest, Strategy
 from worker.secret_store import SecretStore
@@ -26,17 +23,7 @@ if TYPE_CHECKING:
     from worker.config import Settings
     from worker.store import Store
 
-
-class NoCredentials:
-    """The agent gets no credential from us (the mock agent, or an image that brings its own)."""
-
-    name = Strategy.none
-
-    def grant(self, request: SessionRequest) -> CredentialGrant:
-        return NO_CREDENTIALS
-
-    def release(self, request: SessionRequest) -> None:
-        return None
+__all__ = ["CredentialBroker", "build_broker", "gateway_keys"]  # gateway_keys: the CLI imports it from here
 
 
 class CredentialBroker:
@@ -69,7 +56,7 @@ class CredentialBroker:
         chosen = request.credentials.strategy
         if chosen is None:
             if request.agent is Agent.mock:
-                return Strategy.none
+                return Strategy("none")
             raise CredentialError(
                 f"no credentials strategy in the request and no default for tenant {request.tenant_id}",
                 field="credentials.strategy",
@@ -94,32 +81,8 @@ class CredentialBroker:
             strategy.release(request)
 
 
-def gateway_keys(settings: Settings, store: Store) -> GatewayKeys | None:
-    """The tenant keys of every gateway backend these settings enable; None when there is none."""
-    gateway = settings.credentials.gateway
-    clients = {
-        backend: CLIENTS[backend](gateway.backend(backend), prefix=gateway.key_prefix) for backend in gateway.enabled()
-    }
-    if not clients:
-        return None
-    return GatewayKeys(SecretStore.from_store(store), clients, lock_seconds=gateway.lock_seconds)
-
-
 def build_broker(settings: Settings, store: Store) -> CredentialBroker:
-    """The strategies this worker's settings enable, and the tenants' defaults from the secret store."""
-    config = settings.credentials
-    secrets = SecretStore.from_store(store)
-    strategies: list[CredentialStrategy] = [NoCredentials(), BringYourOwnKey(secrets, config.provider_urls)]
-    if config.shared.enabled:
-        strategies.append(SharedOrgKey(config.shared, config.provider_urls))
-    if (home := config.subscription.home) is not None:
-        minimum = config.subscription.min_validity_seconds
-        strategies.append(PersonalSubscription(home, minimum, config.provider_urls))
-    keys = gateway_keys(settings, store)
-    if keys is not None:
-        enabled = list(keys.clients)
-        default = config.gateway.default or (enabled[0] if len(enabled) == 1 else None)
-        strategies.append(PerTenantGateway(keys, default))
-    if config.egress.public_url:
-        strategies.append(VaultStrategy(VaultStore(secrets), Placeholders(secrets), config.egress))
-    return CredentialBroker(strategies, tenant_default=secrets.default)
+    """Every registered strategy these settings configure, and the tenants' defaults from the secret store."""
+    built = (strategy_class(name).from_settings(settings, store) for name in REGISTRY)
+    strategies = [strategy for strategy in built if strategy is not None]
+    return CredentialBroker(strategies, tenant_default=SecretStore.from_store(store).default)

@@ -11,15 +11,43 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Self
+
+from pydantic import Field
 
 from worker.credentials.agents import KeyAuth, session_provider, token_grant
-from worker.credentials.base import CredentialGrant
-from worker.credentials.gateway_clients import GatewayClient, Spend, TenantKey
+from worker.credentials.base import CredentialGrant, RegisteredStrategy
+from worker.credentials.gateway_clients import CLIENTS, GatewayClient, Spend, TenantKey
+from worker.credentials.settings import GatewayBackendSettings, OpenRouterSettings, PortkeySettings, SettingsBlock
 from worker.errors import CredentialError
 from worker.models import GatewayBackend, SessionRequest, Strategy
 from worker.secret_store import SecretStore, check_tenant
 
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.store import Store
+
 KIND = "gateway"
+
+
+class GatewaySettings(SettingsBlock):
+    default: GatewayBackend | None = Field(
+        None, description="Backend for requests that name none; the only enabled one when unset."
+    )
+    key_prefix: str = Field(
+        "sandbox-worker", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Prefix of key, team and alias names."
+    )
+    lock_seconds: float = Field(60.0, gt=0, description="How long a worker may hold a tenant's mint/rotate lock.")
+    openrouter: OpenRouterSettings = Field(default_factory=OpenRouterSettings)
+    litellm: GatewayBackendSettings = Field(default_factory=GatewayBackendSettings)
+    portkey: PortkeySettings = Field(default_factory=PortkeySettings)
+
+    def backend(self, backend: GatewayBackend) -> GatewayBackendSettings:
+        settings: GatewayBackendSettings = getattr(self, backend.value)
+        return settings
+
+    def enabled(self) -> list[GatewayBackend]:
+        return [backend for backend in GatewayBackend if self.backend(backend).enabled]
 
 
 class GatewayKeys:
@@ -99,12 +127,34 @@ class GatewayKeys:
         return key
 
 
-class PerTenantGateway:
-    name = Strategy.gateway
+def gateway_keys(settings: Settings, store: Store) -> GatewayKeys | None:
+    """The tenant keys of every gateway backend these settings enable; None when there is none."""
+    gateway = settings.credentials.strategy_settings(PerTenantGateway.name, GatewaySettings)
+    clients = {
+        backend: CLIENTS[backend](gateway.backend(backend), prefix=gateway.key_prefix) for backend in gateway.enabled()
+    }
+    if not clients:
+        return None
+    return GatewayKeys(SecretStore.from_store(store), clients, lock_seconds=gateway.lock_seconds)
+
+
+class PerTenantGateway(RegisteredStrategy):
+    name = Strategy("gateway")
+    settings_model = GatewaySettings
 
     def __init__(self, keys: GatewayKeys, default: GatewayBackend | None) -> None:
         self.keys = keys
         self.default = default
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store) -> Self | None:
+        """Offered when a gateway backend is enabled (its URL and management key set)."""
+        keys = gateway_keys(settings, store)
+        if keys is None:
+            return None
+        enabled = list(keys.clients)
+        default = settings.credentials.strategy_settings(cls.name, GatewaySettings).default
+        return cls(keys, default or (enabled[0] if len(enabled) == 1 else None))
 
     def backend_for(self, request: SessionRequest) -> GatewayBackend:
         backend = request.credentials.gateway or self.default

@@ -1,25 +1,28 @@
-"""Settings of the credential strategies: the ``SANDBOX_WORKER_CREDENTIALS__*`` block of the worker settings.
+"""Settings pieces the credential strategies share, in the ``SANDBOX_WORKER_CREDENTIALS__*`` block.
 
-Every secret here is a ``SecretStr``. A strategy is available on a worker only when its block is configured:
-a gateway backend needs its management key, ``shared`` needs a key, ``subscription`` a host HOME, ``vault`` the
-egress proxy's public URL. ``byok`` needs only the Fernet key of the secret store.
+A strategy's own block (``shared``, ``subscription``, ``gateway``) lives in its module as its
+``settings_model``; :class:`worker.config.CredentialsSettings` puts those together with the pieces here: where
+the LLM providers' APIs live (``provider_urls``), one gateway backend's settings (the gateway strategy's block
+holds one per backend) and the egress proxy of the vault strategy (``egress``, read by the proxy as well).
+Every secret is a ``SecretStr``.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from worker.models import GatewayBackend, LLMProvider
+from worker.models import LLMProvider
 
 
-class _Block(BaseModel):
+class SettingsBlock(BaseModel):
+    """A block of the credentials settings: frozen, and unknown keys are refused."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ProviderURLs(_Block):
+class ProviderURLs(SettingsBlock):
     """Where each LLM provider's API lives, when not at its public address (a corporate egress, a regional
     endpoint). Applies to the strategies that hand out a provider key as is: byok, shared, subscription."""
 
@@ -33,44 +36,13 @@ class ProviderURLs(_Block):
         return url
 
 
-class SharedSettings(_Block):
-    """The organisation's own provider keys, for internal tenants only."""
-
-    anthropic: SecretStr | None = Field(None, description="Shared Anthropic API key.")
-    openai: SecretStr | None = Field(None, description="Shared OpenAI API key.")
-    tenants: frozenset[str] = Field(
-        frozenset(), description="Tenants allowed to use the shared keys (JSON list); every other tenant is refused."
-    )
-
-    def key_for(self, provider: LLMProvider) -> SecretStr | None:
-        key: SecretStr | None = getattr(self, provider.value)
-        return key
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.anthropic or self.openai)
-
-
-class SubscriptionSettings(_Block):
-    """A personal subscription logged in on the worker host (the agents' own config files)."""
-
-    home: Path | None = Field(
-        None, description="HOME on the worker host whose agent config files are read (~/.claude, ~/.codex, ...)."
-    )
-    min_validity_seconds: int = Field(
-        300,
-        ge=0,
-        description="An OAuth access token that expires sooner than this is refused (refresh it on the host).",
-    )
-
-
 class BudgetPeriod(StrEnum):
     daily = "daily"
     weekly = "weekly"
     monthly = "monthly"
 
 
-class GatewayBackendSettings(_Block):
+class GatewayBackendSettings(SettingsBlock):
     """One gateway backend. ``url`` is its OpenAI-compatible base URL (ending in /v1); the Anthropic-compatible
     endpoint and the management API are derived from it (see docs/credentials.md)."""
 
@@ -98,27 +70,7 @@ class PortkeySettings(GatewayBackendSettings):
     workspace_id: str | None = Field(None, description="Workspace the tenant keys are created in (required).")
 
 
-class GatewaySettings(_Block):
-    default: GatewayBackend | None = Field(
-        None, description="Backend for requests that name none; the only enabled one when unset."
-    )
-    key_prefix: str = Field(
-        "sandbox-worker", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Prefix of key, team and alias names."
-    )
-    lock_seconds: float = Field(60.0, gt=0, description="How long a worker may hold a tenant's mint/rotate lock.")
-    openrouter: OpenRouterSettings = Field(default_factory=OpenRouterSettings)
-    litellm: GatewayBackendSettings = Field(default_factory=GatewayBackendSettings)
-    portkey: PortkeySettings = Field(default_factory=PortkeySettings)
-
-    def backend(self, backend: GatewayBackend) -> GatewayBackendSettings:
-        settings: GatewayBackendSettings = getattr(self, backend.value)
-        return settings
-
-    def enabled(self) -> list[GatewayBackend]:
-        return [backend for backend in GatewayBackend if self.backend(backend).enabled]
-
-
-class EgressSettings(_Block):
+class EgressSettings(SettingsBlock):
     """The egress proxy of the vault strategy (``sandbox-worker egress-proxy``)."""
 
     public_url: str | None = Field(
@@ -135,11 +87,3 @@ class EgressSettings(_Block):
     placeholder_grace_seconds: int = Field(
         300, ge=0, description="A placeholder outlives its session's ttl by this much if it is never released."
     )
-
-
-class CredentialsSettings(_Block):
-    provider_urls: ProviderURLs = Field(default_factory=ProviderURLs)
-    shared: SharedSettings = Field(default_factory=SharedSettings)
-    subscription: SubscriptionSettings = Field(default_factory=SubscriptionSettings)
-    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
-    egress: EgressSettings = Field(default_factory=EgressSettings)

@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Self
+
+from pydantic import Field, SecretStr
+
 from worker.credentials.agents import session_provider, token_grant
-from worker.credentials.base import CredentialGrant
-from worker.credentials.settings import ProviderURLs, SharedSettings
+from worker.credentials.base import CredentialGrant, RegisteredStrategy
+from worker.credentials.settings import ProviderURLs, SettingsBlock
 from worker.errors import CredentialError
-from worker.models import SessionRequest, Strategy
+from worker.models import LLMProvider, SessionRequest, Strategy
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.store import Store
 
 
-class SharedOrgKey:
-    name = Strategy.shared
+class SharedSettings(SettingsBlock):
+    """The organisation's own provider keys, for internal tenants only."""
+
+    anthropic: SecretStr | None = Field(None, description="Shared Anthropic API key.")
+    openai: SecretStr | None = Field(None, description="Shared OpenAI API key.")
+    tenants: frozenset[str] = Field(
+        frozenset(), description="Tenants allowed to use the shared keys (JSON list); every other tenant is refused."
+    )
+
+    def key_for(self, provider: LLMProvider) -> SecretStr | None:
+        key: SecretStr | None = getattr(self, provider.value)
+        return key
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.anthropic or self.openai)
+
+
+class SharedOrgKey(RegisteredStrategy):
+    name = Strategy("shared")
+    settings_model = SharedSettings
 
     def __init__(self, settings: SharedSettings, provider_urls: ProviderURLs) -> None:
         self.settings = settings
         self.provider_urls = provider_urls
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store) -> Self | None:
+        """Offered when a shared key is set."""
+        shared = settings.credentials.strategy_settings(cls.name, SharedSettings)
+        return cls(shared, settings.credentials.provider_urls) if shared.enabled else None
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
         if request.tenant_id not in self.settings.tenants:

@@ -32,21 +32,38 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from worker.credentials.agents import KeyAuth, session_provider, token_grant
-from worker.credentials.base import CredentialGrant
-from worker.credentials.settings import ProviderURLs
+from worker.credentials.base import CredentialGrant, RegisteredStrategy
+from worker.credentials.settings import ProviderURLs, SettingsBlock
 from worker.errors import CredentialError
 from worker.models import LLMProvider, SessionRequest, Strategy
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.store import Store
 
 AMP_CONFIG = ".amp/config.json"
 CLAUDE_JSON = ".claude.json"
 CLAUDE_CREDENTIALS = ".claude/.credentials.json"
 CODEX_AUTH = ".codex/auth.json"
 OPENCODE_AUTH = ".local/share/opencode/auth.json"
+
+
+class SubscriptionSettings(SettingsBlock):
+    """A personal subscription logged in on the worker host (the agents' own config files)."""
+
+    home: Path | None = Field(
+        None, description="HOME on the worker host whose agent config files are read (~/.claude, ~/.codex, ...)."
+    )
+    min_validity_seconds: int = Field(
+        300,
+        ge=0,
+        description="An OAuth access token that expires sooner than this is refused (refresh it on the host).",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +212,22 @@ def discover(home: Path, provider: LLMProvider, *, min_validity: float = 0) -> H
     )
 
 
-class PersonalSubscription:
-    name = Strategy.subscription
+class PersonalSubscription(RegisteredStrategy):
+    name = Strategy("subscription")
+    settings_model = SubscriptionSettings
 
     def __init__(self, home: Path, min_validity: float, provider_urls: ProviderURLs) -> None:
         self.home = home
         self.min_validity = min_validity
         self.provider_urls = provider_urls
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store) -> Self | None:
+        """Offered when a host HOME is set."""
+        subscription = settings.credentials.strategy_settings(cls.name, SubscriptionSettings)
+        if subscription.home is None:
+            return None
+        return cls(subscription.home, subscription.min_validity_seconds, settings.credentials.provider_urls)
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
         provider = session_provider(request)

@@ -20,17 +20,21 @@ from __future__ import annotations
 import hashlib
 import secrets
 from enum import StrEnum
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from worker.credentials.agents import AGENT_PROVIDERS, token_grant
-from worker.credentials.base import CredentialGrant
+from worker.credentials.base import CredentialGrant, RegisteredStrategy
 from worker.credentials.settings import EgressSettings
 from worker.errors import ConfigurationError, CredentialError, InvalidRequest
 from worker.models import Identifier, LLMProvider, SessionRequest, Strategy
 from worker.secret_store import SealedStr, SecretStore
-from worker.store import PREFIX
+from worker.store import PREFIX, Store
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 KIND = "vault"
 PLACEHOLDER_PREFIX = "swph-"
@@ -214,8 +218,11 @@ class Placeholders:
         return Binding.model_validate_json(raw) if raw else None
 
 
-class VaultStrategy:
-    name = Strategy.vault
+class VaultStrategy(RegisteredStrategy):
+    """Its settings are the egress proxy's (``credentials.egress``, shared with :mod:`worker.egress_proxy`), so it
+    has no block of its own."""
+
+    name = Strategy("vault")
 
     def __init__(self, vaults: VaultStore, placeholders: Placeholders, egress: EgressSettings) -> None:
         if not egress.public_url:
@@ -224,6 +231,15 @@ class VaultStrategy:
         self.placeholders = placeholders
         self.egress = egress
         self.public_url = egress.public_url.rstrip("/")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store) -> Self | None:
+        """Offered when the egress proxy's public URL is set."""
+        egress = settings.credentials.egress
+        if not egress.public_url:
+            return None
+        secrets = SecretStore.from_store(store)
+        return cls(VaultStore(secrets), Placeholders(secrets), egress)
 
     def llm_vault(self, request: SessionRequest) -> Vault:
         """The session's one LLM vault, checked against the session; every seed error is a CredentialError."""

@@ -18,6 +18,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -156,7 +157,6 @@ class FakeProvider(Provider):
         self.files: dict[str, dict[str, bytes]] = defaultdict(dict)
         self.calls: list[str] = []
         self._faults: dict[str, deque[Exception]] = defaultdict(deque)
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
     def fail(self, method: str, *errors: Exception) -> None:
@@ -177,7 +177,8 @@ class FakeProvider(Provider):
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         self._call("start")
-        sandbox = Sandbox(self.name, f"fake-{next(self._ids)}", dict(spec.labels))
+        # Unique across providers sharing one daemon server: a reused id would replay another sandbox's events.
+        sandbox = Sandbox(self.name, f"fake-{uuid.uuid4().hex[:12]}", dict(spec.labels))
         self.sandboxes[sandbox.sandbox_id] = sandbox
         return sandbox
 

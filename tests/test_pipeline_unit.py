@@ -176,3 +176,27 @@ def test_a_worker_that_lost_its_lease_stops_and_leaves_the_sandbox(store: Store,
 
     assert raised.value.error.code == "busy"
     assert len(provider.sandboxes) == 1 and store.lease_holder("req-1") == "another-worker"
+
+
+def test_a_worker_whose_lease_ran_out_touches_nothing_when_its_stage_then_fails(
+    store: Store, provider: FakeProvider
+) -> None:
+    """A pause longer than the lease, then a takeover, then the stage fails: the stale worker neither removes the
+    request's sandbox nor frees its quota slot nor overwrites the record; it leaves them to the new owner."""
+
+    def pause_past_the_lease_then_fail(stage: str, result: SessionResult) -> None:
+        if stage == "daemon":
+            # The lease expired under a pause and a duplicate delivery took it over (no heartbeat noticed yet).
+            store.redis.set(f"sw:lease:{result.request_id}", "new-owner")
+            provider.fail("spawn", ProviderError("launcher exited 1", provider="fake"))
+
+    pipeline = _pipeline(store, provider, progress=pause_past_the_lease_then_fail, provider_sandboxes={"docker": 1})
+    with pytest.raises(RetryLater) as raised:
+        pipeline.create(_request())
+
+    assert raised.value.error.code == "busy"
+    assert len(provider.sandboxes) == 1  # the new owner may adopt it
+    assert store.redis.zcard("sw:sem:{sandboxes:docker}:holders") == 1  # the slot stays with the request
+    record = store.get("req-1")
+    assert record is not None and record.result.state is SessionState.starting and record.result.error is None
+    assert store.lease_holder("req-1") == "new-owner"

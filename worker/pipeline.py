@@ -210,12 +210,15 @@ class Pipeline:
         structlog.contextvars.bind_contextvars(request_id=request.request_id, tenant_id=request.tenant_id)
         try:
             with lease.heartbeat():
-                return self._stages(request, attempt)
+                try:
+                    return self._stages(request, attempt)
+                except _LeaseLost:
+                    raise
+                except Exception as exc:  # every failure compensates; the classification decides what follows
+                    return self._fail(request, attempt, exc)
         except _LeaseLost:
             log.warning("lease lost mid-bring-up: leaving the request to the worker that took it over")
             raise RetryLater(Busy("the lease on this request ran out during the bring-up"), record.result) from None
-        except Exception as exc:  # every failure compensates; the classification decides what follows
-            return self._fail(request, attempt, exc)
         finally:
             if attempt.acp is not None:
                 attempt.acp.detach()
@@ -227,8 +230,9 @@ class Pipeline:
 
     # -- the stage runner ---------------------------------------------------------------------------------
     def _checkpoint(self, attempt: _Attempt, stage: str) -> None:
-        """Stop here when our lease ran out or someone asked for the session to end."""
-        if attempt.lease.lost.is_set():
+        """Stop here when our lease ran out or someone asked for the session to end. The lease is asked of Redis,
+        not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices."""
+        if not attempt.lease.held():
             raise _LeaseLost
         if self.store.terminate_requested(attempt.record.request.request_id):
             raise Terminated("terminated while starting", stage=stage)
@@ -445,6 +449,15 @@ class Pipeline:
 
     # -- failure ------------------------------------------------------------------------------------------
     @staticmethod
+    def _still_ours(attempt: _Attempt) -> bool:
+        """Whether the lease is still ours before compensating. When Redis cannot say (down beyond its client
+        retries) nobody can take the lease over meanwhile, so the attempt compensates what it made as before."""
+        try:
+            return attempt.lease.held()
+        except redis.RedisError:
+            return not attempt.lease.lost.is_set()
+
+    @staticmethod
     def _diagnose(attempt: _Attempt, error: SandboxWorkerError) -> SandboxWorkerError:
         """A daemon that stops answering may mean its sandbox is gone (removed, expired): that is permanent,
         and worth saying plainly rather than retrying."""
@@ -470,6 +483,10 @@ class Pipeline:
 
     def _fail(self, request: SessionRequest, attempt: _Attempt, exc: Exception) -> SessionResult:
         record = attempt.record
+        if not self._still_ours(attempt):
+            # Compensation removes every sandbox labelled with the request, frees its quota slot and its credentials,
+            # and the record is the request's: all of it may be the new owner's by now. Touch nothing.
+            raise _LeaseLost from exc
         error = self._diagnose(attempt, _as_worker_error(exc))
         if attempt.acp is not None:
             attempt.acp.detach()

@@ -17,7 +17,7 @@ from worker.config import Settings, get_settings
 from worker.credentials.broker import CredentialBroker, NoCredentials
 from worker.errors import ProviderAuthError, ProviderError, ProviderUnavailable
 from worker.fleet import STAGES
-from worker.models import SessionResult, SessionState
+from worker.models import REPLY_CUT_MARKER, REPLY_MAX, SessionResult, SessionState
 from worker.pipeline import Pipeline, ProgressHook, no_progress
 from worker.retries import RetryLater
 from worker.store import Cipher, Store
@@ -200,3 +200,34 @@ def test_a_worker_whose_lease_ran_out_touches_nothing_when_its_stage_then_fails(
     record = store.get("req-1")
     assert record is not None and record.result.state is SessionState.starting and record.result.error is None
     assert store.lease_holder("req-1") == "new-owner"
+
+
+@pytest.mark.parametrize(
+    ("sandbox", "field"),
+    [
+        ({"env": {f"V{i}": "x" for i in range(50_000)}}, "sandbox.env"),
+        ({"env": {"BIG": "x" * 5_000_000}}, "sandbox.env.BIG"),
+        ({"env": {f"V{i}": "x" * 30_000 for i in range(8)}}, "sandbox.env"),
+        ({"labels": {f"l{i}": "x" for i in range(100)}}, "sandbox.labels"),
+    ],
+)
+def test_an_oversized_request_is_refused_at_claim_naming_the_field(
+    store: Store, provider: FakeProvider, sandbox: dict[str, Any], field: str
+) -> None:
+    """Too many env entries, an env value too big, an environment too big in all, too many labels: each is
+    `invalid_request` at claim, naming the field, and no sandbox is asked for."""
+    result = _pipeline(store, provider).create({**_request(), "sandbox": sandbox})
+
+    assert result.state is SessionState.failed and result.error is not None
+    assert (result.error.code, result.error.stage, result.error.field) == ("invalid_request", "claim", field)
+    assert provider.calls == [] and store.get("req-1") is None
+
+
+def test_a_long_reply_is_kept_cut_with_a_marker(store: Store, provider: FakeProvider) -> None:
+    """The agent's reply is kept up to 64 Ki characters, then a marker says it was cut: the record stays small."""
+    result = _pipeline(store, provider).create(_request("req-long", prompt="y" * 90_000))
+
+    assert result.state is SessionState.ready and result.reply is not None
+    assert len(result.reply) == REPLY_MAX + len(REPLY_CUT_MARKER) and result.reply.endswith(REPLY_CUT_MARKER)
+    record = store.get("req-long")
+    assert record is not None and record.result.reply == result.reply

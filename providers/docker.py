@@ -1,6 +1,6 @@
 """Docker driver (docker SDK): one container per sandbox on a local or remote engine.
 
-The container runs the image's idle command; the daemon is started with ``exec`` so its environment
+The container runs the image's idle command for the sandbox's ttl, then stops and is removed; the daemon is started with ``exec`` so its environment
 (which may hold credentials) lives only in that process, never in the container's ``Config.Env``.
 The daemon port is published on ``publish_host`` (loopback by default) at a random host port.
 
@@ -120,7 +120,11 @@ class DockerProvider(Provider):
         options: dict[str, Any] = {
             "detach": True,
             "init": True,
-            "entrypoint": list(self.config.idle_command),
+            # The ttl is the sandbox's hard lifetime even with every worker and the reaper gone: the idle command
+            # ends then (coreutils timeout; KILL 10 s after TERM), tini (--init) exits with it, the container stops
+            # and the engine removes it (auto_remove), daemon and agents included.
+            "entrypoint": ["timeout", "-k", "10", str(spec.ttl_seconds), *self.config.idle_command],
+            "auto_remove": True,
             "command": [],
             "labels": dict(spec.labels),
             "environment": dict(spec.env),

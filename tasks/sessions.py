@@ -9,15 +9,17 @@ from celery import Task
 from worker import runtime
 from worker.celery_app import CREATE_SESSION, TERMINATE_SESSION, app
 from worker.config import get_settings
-from worker.errors import InvalidRequest
+from worker.errors import Busy, InvalidRequest
 from worker.models import ErrorInfo, SessionResult, SessionState
-from worker.retries import RetryLater, RetryPolicy
+from worker.retries import BUSY_COUNTDOWN, RetryLater, RetryPolicy
 
 
 # max_retries=None: the retry policy (worker/retries.py) decides, from the settings.
 @app.task(bind=True, name=CREATE_SESSION, max_retries=None)
-def create_session(self: Task, request: dict[str, Any]) -> dict[str, Any]:
-    """Bring up the session ``request`` asks for (a SessionRequest as a JSON object)."""
+def create_session(self: Task, request: dict[str, Any], busy: int = 0) -> dict[str, Any]:
+    """Bring up the session ``request`` asks for (a SessionRequest as a JSON object). The session record is what
+    clients read; the task's own result is a copy. ``busy`` counts the retries spent as a duplicate, asking again
+    while another worker brought the request up: they do not count against the retry policy."""
 
     def progress(stage: str, result: SessionResult) -> None:
         self.update_state(state="PROGRESS", meta={"stage": stage, "request_id": result.request_id})
@@ -26,15 +28,15 @@ def create_session(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     try:
         return runtime.pipeline(progress).create(request).model_dump(mode="json")
     except RetryLater as exc:
-        if self.request.retries >= policy.task_retries:
-            result = exc.result.model_copy(
-                update={
-                    "state": SessionState.failed,
-                    "error": ErrorInfo(code=exc.error.code, stage=exc.error.stage, message=exc.error.message),
-                }
-            )
+        if isinstance(exc.error, Busy):
+            raise self.retry(args=[request], kwargs={"busy": busy + 1}, countdown=BUSY_COUNTDOWN) from None
+        tries = self.request.retries - busy
+        if tries >= policy.task_retries:
+            error = ErrorInfo(code=exc.error.code, stage=exc.error.stage, message=exc.error.message)
+            final = runtime.store().give_up(exc.result.request_id, error)
+            result = final or exc.result.model_copy(update={"state": SessionState.failed, "error": error})
             return result.model_dump(mode="json")
-        raise self.retry(countdown=policy.countdown(self.request.retries)) from None
+        raise self.retry(args=[request], kwargs={"busy": busy}, countdown=policy.countdown(tries)) from None
 
 
 @app.task(bind=True, name=TERMINATE_SESSION, max_retries=RetryPolicy().task_retries)

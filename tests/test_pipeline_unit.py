@@ -1,25 +1,37 @@
-"""The pipeline on the fake provider and an in-memory Redis: stages, compensation, adoption, terminate and a lost
-lease, in seconds and without a Redis server or a Docker engine (the integration suites prove the same against
-the real ones)."""
+"""The pipeline on the fake provider and an in-memory Redis: stages, compensation, adoption, terminate, a lost
+lease, input bounds and the record as the one source of truth for clients, in seconds and without a Redis server
+or a Docker engine (the integration suites prove the same against the real ones)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fakeredis
 import pytest
+from celery import Celery
 
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID
 from providers.fake import FakeProvider, StandInDaemons
+from worker.client import SessionClient
 from worker.config import Settings, get_settings
 from worker.credentials.broker import CredentialBroker
 from worker.credentials.none import NoCredentials
-from worker.errors import ProviderAuthError, ProviderError, ProviderUnavailable
+from worker.errors import InvalidRequest, ProviderAuthError, ProviderError, ProviderUnavailable
 from worker.fleet import STAGES
-from worker.models import SessionResult, SessionState
+from worker.models import (
+    REPLY_CUT_MARKER,
+    REPLY_MAX,
+    ErrorInfo,
+    SessionRequest,
+    SessionResult,
+    SessionState,
+    invalid_result,
+)
 from worker.pipeline import Pipeline, ProgressHook, no_progress
+from worker.queueing import send_create
 from worker.retries import RetryLater
 from worker.store import Cipher, Store
 
@@ -177,3 +189,164 @@ def test_a_worker_that_lost_its_lease_stops_and_leaves_the_sandbox(store: Store,
 
     assert raised.value.error.code == "busy"
     assert len(provider.sandboxes) == 1 and store.lease_holder("req-1") == "another-worker"
+
+
+def test_a_worker_whose_lease_ran_out_touches_nothing_when_its_stage_then_fails(
+    store: Store, provider: FakeProvider
+) -> None:
+    """A pause longer than the lease, then a takeover, then the stage fails: the stale worker neither removes the
+    request's sandbox nor frees its quota slot nor overwrites the record; it leaves them to the new owner."""
+
+    def pause_past_the_lease_then_fail(stage: str, result: SessionResult) -> None:
+        if stage == "daemon":
+            # The lease expired under a pause and a duplicate delivery took it over (no heartbeat noticed yet).
+            store.redis.set(f"sw:lease:{result.request_id}", "new-owner")
+            provider.fail("spawn", ProviderError("launcher exited 1", provider="fake"))
+
+    pipeline = _pipeline(store, provider, progress=pause_past_the_lease_then_fail, provider_sandboxes={"docker": 1})
+    with pytest.raises(RetryLater) as raised:
+        pipeline.create(_request())
+
+    assert raised.value.error.code == "busy"
+    assert len(provider.sandboxes) == 1  # the new owner may adopt it
+    assert store.redis.zcard("sw:sem:{sandboxes:docker}:holders") == 1  # the slot stays with the request
+    record = store.get("req-1")
+    assert record is not None and record.result.state is SessionState.starting and record.result.error is None
+    assert store.lease_holder("req-1") == "new-owner"
+
+
+@pytest.mark.parametrize(
+    ("sandbox", "field"),
+    [
+        ({"env": {f"V{i}": "x" for i in range(50_000)}}, "sandbox.env"),
+        ({"env": {"BIG": "x" * 5_000_000}}, "sandbox.env.BIG"),
+        ({"env": {f"V{i}": "x" * 30_000 for i in range(8)}}, "sandbox.env"),
+        ({"labels": {f"l{i}": "x" for i in range(100)}}, "sandbox.labels"),
+    ],
+)
+def test_an_oversized_request_is_refused_at_claim_naming_the_field(
+    store: Store, provider: FakeProvider, sandbox: dict[str, Any], field: str
+) -> None:
+    """Too many env entries, an env value too big, an environment too big in all, too many labels: each is
+    `invalid_request` at claim, naming the field, and no sandbox is asked for."""
+    result = _pipeline(store, provider).create({**_request(), "sandbox": sandbox})
+
+    assert result.state is SessionState.failed and result.error is not None
+    assert (result.error.code, result.error.stage, result.error.field) == ("invalid_request", "claim", field)
+    assert provider.calls == [] and store.get("req-1") is None
+
+
+def test_a_long_reply_is_kept_cut_with_a_marker(store: Store, provider: FakeProvider) -> None:
+    """The agent's reply is kept up to 64 Ki characters, then a marker says it was cut: the record stays small."""
+    result = _pipeline(store, provider).create(_request("req-long", prompt="y" * 90_000))
+
+    assert result.state is SessionState.ready and result.reply is not None
+    assert len(result.reply) == REPLY_MAX + len(REPLY_CUT_MARKER) and result.reply.endswith(REPLY_CUT_MARKER)
+    record = store.get("req-long")
+    assert record is not None and record.result.reply == result.reply
+
+
+def _client(store: Store, app: Celery) -> SessionClient:
+    client = SessionClient.__new__(SessionClient)
+    client.store, client.app = store, app
+    return client
+
+
+def _app() -> Celery:
+    return Celery("unit", broker="memory://", backend="cache+memory://")
+
+
+def test_wait_reads_the_record_not_a_task_result_another_request_wrote(store: Store, provider: FakeProvider) -> None:
+    """A Celery result under the request_id saying 'failed' (a second request's rejection, as before task ids were
+    unique) does not fool the first client: wait and status read the record, whose session is ready."""
+    app = _app()
+    rejection = invalid_result({"request_id": "req-1"}, InvalidRequest("already used", field="request_id"))
+    app.backend.store_result("req-1", rejection.model_dump(mode="json"), "SUCCESS")
+    _pipeline(store, provider).create(_request())
+    client = _client(store, app)
+
+    assert client.wait("req-1", timeout=5).state is SessionState.ready
+    status = client.status("req-1")
+    assert status is not None and status.state is SessionState.ready
+
+
+def test_wait_reports_the_stages_the_record_shows(store: Store, provider: FakeProvider) -> None:
+    """Progress comes from the record's stage: a client following a bring-up sees its stages."""
+    client = _client(store, _app())
+
+    def watch(stage: str, result: SessionResult) -> None:
+        time.sleep(0.25)  # long enough for the client's poll to see the stage
+
+    with ThreadPoolExecutor(1) as pool:
+        stages: list[str] = []
+        pool.submit(_pipeline(store, provider, progress=watch).create, _request())
+        result = client.wait("req-1", timeout=20, on_progress=stages.append)
+
+    assert result.state is SessionState.ready and "sandbox" in stages and "daemon" in stages
+
+
+def test_a_request_rejected_before_it_has_a_record_still_gets_an_answer(store: Store, provider: FakeProvider) -> None:
+    """An invalid request has no record: its rejection is kept under its request_id, where status and wait look."""
+    _pipeline(store, provider).create({**_request("bad-1"), "sandbox": {"ttl_seconds": 0}})
+    client = _client(store, _app())
+
+    result = client.wait("bad-1", timeout=2)
+    assert result.state is SessionState.failed and result.error is not None
+    assert result.error.field == "sandbox.ttl_seconds"
+
+
+def test_a_duplicate_answers_at_once_instead_of_polling(store: Store, provider: FakeProvider) -> None:
+    """While another worker holds the lease, a duplicate delivery answers at once (RetryLater busy with the state
+    as it stands), holding no process for the soft time limit."""
+    pipeline = _pipeline(store, provider)
+    pipeline.settings = pipeline.settings.model_copy(update={"task_soft_time_limit": 3})
+    store.create(SessionRequest.model_validate(_request()))
+    store.redis.set("sw:lease:req-1", "another-worker", ex=30)
+
+    started = time.monotonic()
+    with pytest.raises(RetryLater) as raised:
+        pipeline.create(_request())
+
+    assert time.monotonic() - started < 1
+    assert raised.value.error.code == "busy" and raised.value.result.state is SessionState.queued
+    assert provider.calls == []
+
+
+def test_giving_up_writes_the_failure_to_the_record_unless_a_worker_holds_it(store: Store) -> None:
+    """A task out of retries records the request failed; not when a worker holds the lease or it has finished."""
+    request = SessionRequest.model_validate(_request())
+    store.create(request)
+    error = ErrorInfo(code="provider_unavailable", stage="sandbox", message="503")
+
+    store.redis.set("sw:lease:req-1", "another-worker", ex=30)
+    held = store.give_up("req-1", error)
+    assert held is not None and held.state is SessionState.queued
+    store.redis.delete("sw:lease:req-1")
+
+    given_up = store.give_up("req-1", error)
+    record = store.get("req-1")
+    assert given_up is not None and given_up.state is SessionState.failed
+    assert record is not None and record.result.state is SessionState.failed and record.result.error == error
+    assert store.redis.zscore("sw:active", "req-1") is None
+
+
+def test_each_send_of_a_request_has_a_task_id_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sends of one request_id get two task ids, neither of them the request_id."""
+    app = _app()
+    sent: list[str] = []
+    monkeypatch.setattr(app, "send_task", lambda *args, task_id, **kwargs: sent.append(task_id))
+
+    send_create(_request(), app=app)
+    send_create(_request(), app=app)
+
+    assert len(set(sent)) == 2 and "req-1" not in sent and all(t.startswith("req-1.") for t in sent)
+
+
+def test_submit_refuses_a_request_id_another_request_holds(store: Store, provider: FakeProvider) -> None:
+    """The client refuses at once to reuse a request_id for a different request; the first session is untouched."""
+    _pipeline(store, provider).create(_request())
+    client = _client(store, _app())
+
+    with pytest.raises(InvalidRequest) as raised:
+        client.submit(_request(prompt="something else"))
+    assert raised.value.field == "request_id"

@@ -91,13 +91,15 @@ def test_reaper_removes_only_what_it_can_prove_is_orphaned(fleet: Fleet, docker_
 def test_reaper_terminates_sessions_past_their_ttl(fleet: Fleet, docker_client: docker.DockerClient) -> None:
     """A ready session past its ttl is terminated through the pipeline (sandbox removed, record terminated), and so
     is a record past its ttl whose sandbox the provider already removed."""
-    request = fleet.request("ttl", sandbox={"ttl_seconds": 1})
+    request = fleet.request("ttl", sandbox={"ttl_seconds": 4})  # long enough to come up (Docker ends it then)
     live = fleet.pipeline().create(request.model_dump(mode="json"))
     assert live.state is SessionState.ready, live.error
     vanished = _record(fleet, SessionState.ready)
     vanished.expires_at = time.time() - 1
     fleet.store.put(vanished)
-    time.sleep(1.5)
+    record = fleet.store.get(request.request_id)
+    assert record is not None
+    time.sleep(max(0.0, record.deadline - time.time()) + 0.5)
 
     done = fleet.reaper().run()
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.result import AsyncResult
 from pydantic import SecretStr
 
 from worker.access import DaemonAccess, access_for
@@ -37,7 +36,11 @@ class SessionClient:
         """Queue a request; returns its request_id. ``validate=False`` leaves validation to the worker."""
         payload = request.model_dump(mode="json") if isinstance(request, SessionRequest) else dict(request)
         if validate:
-            payload = parse_request(payload).model_dump(mode="json")
+            parsed = parse_request(payload)
+            payload = parsed.model_dump(mode="json")
+            record = self.store.get(parsed.request_id)
+            if record is not None and record.request != parsed:
+                raise InvalidRequest("request_id is already used by a different request", field="request_id")
         request_id = str(payload.get("request_id") or "")
         if not request_id:
             raise InvalidRequest("request_id is required when validation is off", field="request_id")
@@ -45,32 +48,25 @@ class SessionClient:
         return request_id
 
     def status(self, request_id: str) -> SessionResult | None:
-        """The latest known result: the worker's record, or the task result of a request never recorded
-        (one rejected as invalid)."""
-        record = self.store.get(request_id)
-        if record is not None:
-            return record.result
-        task = AsyncResult(request_id, app=self.app)
-        if task.successful():
-            return SessionResult.model_validate(task.result)
-        return None
+        """The latest known result, from the session record (the one source of truth), or the answer to a request
+        rejected before it had one; None when nothing is known yet (still queued, or never sent)."""
+        return self.store.result(request_id)
 
     def wait(
         self, request_id: str, *, timeout: float = 900.0, on_progress: ProgressCallback | None = None
     ) -> SessionResult:
-        """Block until the request is ready, failed or terminated; ``on_progress`` gets each stage name."""
-        task = AsyncResult(request_id, app=self.app)
+        """Block until the request is ready, failed or terminated, reading the session record; ``on_progress`` gets
+        each stage name the record shows."""
         deadline = time.monotonic() + timeout
         last_stage = None
         while time.monotonic() < deadline:
-            if task.state == "SUCCESS":
-                return SessionResult.model_validate(task.result)
-            if task.state == "FAILURE":
-                raise RuntimeError(f"task {request_id} crashed: {type(task.result).__name__}")
-            stage = (task.info or {}).get("stage") if task.state == "PROGRESS" else None
-            if stage and stage != last_stage and on_progress:
-                on_progress(stage)
-            last_stage = stage or last_stage
+            result = self.store.result(request_id)
+            if result is not None:
+                if result.state.terminal:
+                    return result
+                if result.stage and result.stage != last_stage and on_progress:
+                    on_progress(result.stage)
+                last_stage = result.stage or last_stage
             time.sleep(0.1)
         raise TimeoutError(f"request {request_id} did not finish within {timeout:g}s")
 

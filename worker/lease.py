@@ -48,6 +48,16 @@ class Lease:
         with contextlib.suppress(LockError):
             self._lock.release()
 
+    def held(self) -> bool:
+        """Whether the lease is still ours, asked of Redis: false once it ran out, even if nobody took it yet, and
+        false when another worker holds it. Checked before anything that the new owner may hold is touched."""
+        if self.lost.is_set():
+            return False
+        if not self._lock.owned():
+            self.lost.set()
+            return False
+        return True
+
     def _renew(self) -> bool:
         try:
             return bool(self._lock.reacquire())

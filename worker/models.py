@@ -24,6 +24,23 @@ Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 
 
+# Bounds on what a request may carry, so that an oversized one is refused at claim naming its field instead of
+# reaching a provider (an engine or an API limit) or filling Redis. The prompt's bound is on SessionOptions.
+ENV_ENTRIES_MAX = 256
+ENV_VALUE_MAX = 32 * 1024
+ENV_TOTAL_MAX = 128 * 1024
+LABELS_MAX = 32
+# The kept reply is cut at this many characters (with REPLY_CUT_MARKER after it): records and task results stay
+# small whatever the agent says.
+REPLY_MAX = 64 * 1024
+REPLY_CUT_MARKER = f"\n[sandbox-worker: reply cut after {REPLY_MAX} characters]"
+
+
+def cap_reply(text: str) -> str:
+    """The agent's reply as it is kept: at most REPLY_MAX characters, then a marker saying it was cut."""
+    return text if len(text) <= REPLY_MAX else text[:REPLY_MAX] + REPLY_CUT_MARKER
+
+
 class Agent(StrEnum):
     claude = "claude"
     codex = "codex"
@@ -107,12 +124,23 @@ class SandboxOptions(_Strict):
     cpu: float | None = Field(None, gt=0, le=64, description="CPU cores.")
     memory_mb: int | None = Field(None, ge=128, le=262144, description="Memory limit in MiB.")
     ttl_seconds: int = Field(3600, gt=0, le=7 * 24 * 3600, description="Hard lifetime of the sandbox and session.")
-    env: dict[EnvName, str] = Field(
-        default_factory=dict, description="Non-secret environment for the sandbox and the agent."
+    env: dict[EnvName, Annotated[str, StringConstraints(max_length=ENV_VALUE_MAX)]] = Field(
+        default_factory=dict,
+        max_length=ENV_ENTRIES_MAX,
+        description=f"Non-secret environment for the sandbox and the agent: up to {ENV_ENTRIES_MAX} entries, each "
+        f"value up to {ENV_VALUE_MAX} characters, {ENV_TOTAL_MAX} bytes in all (names and values, UTF-8).",
     )
     labels: dict[Identifier, Annotated[str, StringConstraints(max_length=128)]] = Field(
-        default_factory=dict, description="Extra labels on the sandbox."
+        default_factory=dict, max_length=LABELS_MAX, description=f"Extra labels on the sandbox (up to {LABELS_MAX})."
     )
+
+    @field_validator("env")
+    @classmethod
+    def _env_size(cls, env: dict[str, str]) -> dict[str, str]:
+        total = sum(len(name.encode()) + len(value.encode()) for name, value in env.items())
+        if total > ENV_TOTAL_MAX:
+            raise ValueError(f"the environment is {total} bytes, more than {ENV_TOTAL_MAX}")
+        return env
 
 
 class SessionOptions(_Strict):
@@ -158,6 +186,9 @@ class ErrorInfo(_Strict):
 class SessionResult(_Strict):
     """What a client gets back. Holds no secret: the daemon token is handed out only on request."""
 
+    # Validated on assignment too, so the reply's cap holds however the pipeline sets it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     request_id: str
     tenant_id: str | None = None
     state: SessionState
@@ -168,7 +199,16 @@ class SessionResult(_Strict):
     daemon_url: str | None = None
     server_id: str | None = None
     session_id: str | None = None
-    reply: str | None = Field(None, description="The agent's reply to the first prompt, when one was sent.")
+    reply: str | None = Field(
+        None,
+        description="The agent's reply to the first prompt, when one was sent; cut after 65536 characters, with a marker saying so.",
+    )
+
+    @field_validator("reply")
+    @classmethod
+    def _cap_reply(cls, reply: str | None) -> str | None:
+        return cap_reply(reply) if reply is not None else None
+
     stop_reason: str | None = Field(None, description="Why the first prompt's turn ended (ACP stopReason).")
     usage: dict[str, int] | None = Field(None, description="Token usage of the first prompt, as the agent reported it.")
     tool_calls: list[str] = Field(

@@ -6,8 +6,8 @@ Provider-agnostic: it sees providers only through :class:`providers.base.Provide
 through :class:`worker.credentials.broker.CredentialBroker`.
 
 Delivery is at least once and workers die anywhere, so the request_id owns one record (:mod:`worker.store`) and
-one lease (:mod:`worker.lease`). The worker holding the lease brings the request up; a duplicate waits for the
-result; a redelivery whose worker died takes the expired lease over and, in the claim stage, adopts the sandbox
+one lease (:mod:`worker.lease`). The worker holding the lease brings the request up; a duplicate answers at once
+with the state as it stands (its task asks again shortly); a redelivery whose worker died takes the expired lease over and, in the claim stage, adopts the sandbox
 that worker left (found by label, its daemon answering with the token kept encrypted in the record) or removes it
 and starts again. The sandbox, daemon and session stages run under the fleet's shared limits
 (:mod:`worker.limits`). Ending things — compensation, terminate — is :mod:`worker.teardown`'s job.
@@ -19,7 +19,7 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -72,7 +72,7 @@ from worker.models import (
 from worker.redaction import REDACTOR
 from worker.retries import RetryLater, RetryPolicy
 from worker.store import SessionRecord, Store
-from worker.teardown import Teardown, poll
+from worker.teardown import Teardown
 
 log = structlog.get_logger(__name__)
 
@@ -155,13 +155,18 @@ class Pipeline:
             request = parse_request(payload)
         except InvalidRequest as exc:
             log.info("request rejected", field=exc.field, reason=exc.message)
-            return invalid_result(payload, exc)
+            rejected = invalid_result(payload, exc)
+            if isinstance(payload, Mapping) and isinstance(payload.get("request_id"), str):
+                self.store.reject(rejected)  # no record to hold the answer: keep it where clients look
+            return rejected
 
         record = self.store.create(request)
         if record.request != request:
+            # The id is the first request's: its record stays as it is, and this one is answered only here.
             error = InvalidRequest(
                 "request_id is already used by a different request", field="request_id", stage="claim"
             )
+            log.info("request rejected", field="request_id", reason=error.message)
             return invalid_result({"request_id": request.request_id}, error)
         if record.result.state.terminal:
             return record.result
@@ -185,20 +190,13 @@ class Pipeline:
             lease.release()
 
     def _wait_for_other(self, request: SessionRequest) -> SessionResult:
-        """Another worker holds the lease: wait for its result, or take over if its lease expires."""
-
-        def settled() -> SessionResult | None:
-            record = self.store.get(request.request_id)
-            if record is not None and record.result.state.terminal:
-                return record.result
-            return self._run_if_claimed(request)
-
-        result = poll(settled, self.settings.task_soft_time_limit)
-        if result is None:
-            current = self.store.get(request.request_id)
-            assert current is not None
-            raise RetryLater(Busy("another worker is still bringing this request up"), current.result)
-        return result
+        """Another worker holds the lease: answer at once, holding no process. RetryLater(Busy) carries the state as
+        it stands; the task asks again after a short countdown (and takes over if the lease has expired by then)."""
+        current = self.store.get(request.request_id)
+        assert current is not None
+        if current.result.state.terminal:
+            return current.result
+        raise RetryLater(Busy("another worker is bringing this request up"), current.result)
 
     def _run(self, request: SessionRequest, lease: Lease) -> SessionResult:
         record = self.store.get(request.request_id)
@@ -210,12 +208,15 @@ class Pipeline:
         structlog.contextvars.bind_contextvars(request_id=request.request_id, tenant_id=request.tenant_id)
         try:
             with lease.heartbeat():
-                return self._stages(request, attempt)
+                try:
+                    return self._stages(request, attempt)
+                except _LeaseLost:
+                    raise
+                except Exception as exc:  # every failure compensates; the classification decides what follows
+                    return self._fail(request, attempt, exc)
         except _LeaseLost:
             log.warning("lease lost mid-bring-up: leaving the request to the worker that took it over")
             raise RetryLater(Busy("the lease on this request ran out during the bring-up"), record.result) from None
-        except Exception as exc:  # every failure compensates; the classification decides what follows
-            return self._fail(request, attempt, exc)
         finally:
             if attempt.acp is not None:
                 attempt.acp.detach()
@@ -227,8 +228,9 @@ class Pipeline:
 
     # -- the stage runner ---------------------------------------------------------------------------------
     def _checkpoint(self, attempt: _Attempt, stage: str) -> None:
-        """Stop here when our lease ran out or someone asked for the session to end."""
-        if attempt.lease.lost.is_set():
+        """Stop here when our lease ran out or someone asked for the session to end. The lease is asked of Redis,
+        not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices."""
+        if not attempt.lease.held():
             raise _LeaseLost
         if self.store.terminate_requested(attempt.record.request.request_id):
             raise Terminated("terminated while starting", stage=stage)
@@ -445,6 +447,15 @@ class Pipeline:
 
     # -- failure ------------------------------------------------------------------------------------------
     @staticmethod
+    def _still_ours(attempt: _Attempt) -> bool:
+        """Whether the lease is still ours before compensating. When Redis cannot say (down beyond its client
+        retries) nobody can take the lease over meanwhile, so the attempt compensates what it made as before."""
+        try:
+            return attempt.lease.held()
+        except redis.RedisError:
+            return not attempt.lease.lost.is_set()
+
+    @staticmethod
     def _diagnose(attempt: _Attempt, error: SandboxWorkerError) -> SandboxWorkerError:
         """A daemon that stops answering may mean its sandbox is gone (removed, expired): that is permanent,
         and worth saying plainly rather than retrying."""
@@ -470,6 +481,10 @@ class Pipeline:
 
     def _fail(self, request: SessionRequest, attempt: _Attempt, exc: Exception) -> SessionResult:
         record = attempt.record
+        if not self._still_ours(attempt):
+            # Compensation removes every sandbox labelled with the request, frees its quota slot and its credentials,
+            # and the record is the request's: all of it may be the new owner's by now. Touch nothing.
+            raise _LeaseLost from exc
         error = self._diagnose(attempt, _as_worker_error(exc))
         if attempt.acp is not None:
             attempt.acp.detach()

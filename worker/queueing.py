@@ -1,4 +1,4 @@
-"""Sending work to the task queue, by task name: which task, on which queue, under which id.
+"""Sending work to the task queue, by task name: which task, on which queue, under which task id.
 
 The one place where that is decided, used by the tasks (:mod:`tasks.maintenance`, :mod:`tasks.batches`), the
 ``sandbox-worker`` command and :class:`worker.client.SessionClient`. It sends through a Celery app by name
@@ -7,6 +7,7 @@ The one place where that is decided, used by the tasks (:mod:`tasks.maintenance`
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from celery import Celery
@@ -39,17 +40,28 @@ def queue_of(provider: object) -> str:
     return provider_queue(provider) if isinstance(provider, str) and provider in PROVIDER_NAMES else SESSIONS_QUEUE
 
 
+def task_id_for(request_id: str) -> str:
+    """A task id of its own for each send of a request: ``<request_id>.<uuid>``. No two sends share a Celery result
+    (a request_id has no dot), so a second request reusing an id cannot overwrite the first one's; clients read the
+    session record (:meth:`worker.store.Store.result`), never a task result."""
+    return f"{request_id}.{uuid.uuid4().hex}"
+
+
 def send_create(payload: dict[str, Any], *, app: Celery | None = None, **options: Any) -> AsyncResult:
-    """Queue ``sessions.create`` for a request payload (a SessionRequest as JSON) under its request_id, on its
-    provider's queue. ``options`` go to ``send_task`` (``link``, ``link_error``...)."""
+    """Queue ``sessions.create`` for a request payload (a SessionRequest as JSON) on its provider's queue, under a
+    task id of its own (:func:`task_id_for`). ``options`` go to ``send_task`` (``link``, ``link_error``...)."""
     request_id = str(payload.get("request_id") or "")
     return _app(app).send_task(
-        CREATE_SESSION, args=[payload], task_id=request_id, queue=queue_of(payload.get("provider")), **options
+        CREATE_SESSION,
+        args=[payload],
+        task_id=task_id_for(request_id),
+        queue=queue_of(payload.get("provider")),
+        **options,
     )
 
 
 def enqueue(request: SessionRequest, *, app: Celery | None = None, **options: Any) -> None:
-    """Queue ``request`` on its provider's queue under its request_id (a requeue when its message was lost)."""
+    """Queue ``request`` on its provider's queue (a requeue when its message was lost)."""
     send_create(request.model_dump(mode="json"), app=app, **options)
 
 

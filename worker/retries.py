@@ -35,6 +35,11 @@ T = TypeVar("T")
 COUNTDOWN_MAX = 60
 
 
+# Seconds before a duplicate delivery asks again whether the worker bringing its request up has finished (or died,
+# its lease expiring). Such a task holds no process while it waits.
+BUSY_COUNTDOWN = 3
+
+
 def _transient(error: BaseException) -> bool:
     return isinstance(error, SandboxWorkerError) and error.transient
 

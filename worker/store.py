@@ -14,6 +14,9 @@ Keys (prefix ``sw:``):
   not a record field: the record is written only by the worker bringing the request up, which would overwrite
   a flag set in between.
 * ``sw:once:<name>`` — a marker that something happened recently (:meth:`Store.claim_once`).
+* ``sw:rejected:<request_id>`` — the answer to a request refused before it had a record (it did not parse), kept
+  for ``record_retention_seconds`` and only when no record holds the id: with the record, the one place clients
+  read a request's state from.
 
 Secret values are stored only Fernet-encrypted; without a key the worker refuses to store them.
 """
@@ -33,7 +36,7 @@ from redis.lock import Lock
 from redis.retry import Retry
 
 from worker.errors import ConfigurationError
-from worker.models import SessionRequest, SessionResult, SessionState
+from worker.models import ErrorInfo, SessionRequest, SessionResult, SessionState
 
 if TYPE_CHECKING:
     from worker.config import Settings  # at run time worker.config imports the strategies, which import us
@@ -165,6 +168,47 @@ class Store:
         existing = self.get(request.request_id)
         assert existing is not None
         return existing
+
+    def reject(self, result: SessionResult) -> None:
+        """Keep the answer to a request refused before it had a record, unless a record holds its id (a valid
+        request's record is never shadowed by a malformed copy)."""
+        request_id = result.request_id
+        if not request_id or len(request_id) > 256 or self.redis.exists(f"{PREFIX}session:{request_id}"):
+            return
+        self.redis.set(f"{PREFIX}rejected:{request_id}", result.model_dump_json(), ex=self.retention_seconds)
+
+    def result(self, request_id: str) -> SessionResult | None:
+        """What a client is told about ``request_id``: its record's result, else the answer to its rejection."""
+        record = self.get(request_id)
+        if record is not None:
+            return record.result
+        raw = self.redis.get(f"{PREFIX}rejected:{request_id}")
+        return SessionResult.model_validate_json(raw) if raw else None
+
+    def give_up(self, request_id: str, error: ErrorInfo) -> SessionResult | None:
+        """Record a request failed when its task gave up retrying: only if it is unfinished and no worker holds its
+        lease (one that does is bringing it up and will record the outcome). Returns the result as it stands."""
+        session, lease = f"{PREFIX}session:{request_id}", f"{PREFIX}lease:{request_id}"
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(session, lease)  # type: ignore[no-untyped-call]
+                    raw = pipe.get(session)
+                    if not raw:
+                        return None
+                    record = SessionRecord.model_validate_json(raw)
+                    if record.result.state.terminal or pipe.exists(lease):
+                        return record.result
+                    record.result.state = SessionState.failed
+                    record.result.error = error
+                    record.result.updated_at = time.time()
+                    pipe.multi()
+                    pipe.set(session, record.model_dump_json(), ex=self.retention_seconds)
+                    self._index(pipe, record)
+                    pipe.execute()
+                    return record.result
+                except redis.WatchError:
+                    continue
 
     def stalled(self, idle_since: float) -> list[str]:
         """Unfinished requests whose record has not changed since the epoch time ``idle_since``."""

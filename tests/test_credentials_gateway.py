@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from tests.standins.gateways import GatewayStandIn, LiteLLMStandIn, OpenRouterSt
 from tests.standins.server import ThreadedServer
 from worker.config import Settings
 from worker.credentials.gateway import GatewayKeys, GatewaySettings
-from worker.credentials.gateway_clients import CLIENTS, GatewayUnavailable
+from worker.credentials.gateway_clients import CLIENTS, GatewayUnavailable, TenantKey
 from worker.credentials.settings import GatewayBackendSettings
-from worker.errors import ConfigurationError, CredentialError
+from worker.errors import Busy, ConfigurationError, CredentialError
 from worker.models import GatewayBackend
 from worker.secret_store import SecretStore
 from worker.store import Store
@@ -55,10 +56,19 @@ class Gateway:
             values["workspace_id"] = "ws-1"
         return type(GatewaySettings().backend(self.backend))(**{**values, **overrides})
 
-    def keys(self, settings: Settings, **overrides: Any) -> GatewayKeys:
+    def keys(self, settings: Settings, lock_seconds: float = 60.0, **overrides: Any) -> GatewayKeys:
         """A GatewayKeys of its own (its own Redis connection), as one worker process has."""
         client = CLIENTS[self.backend](self.settings(**overrides), prefix="sw")
-        return GatewayKeys(SecretStore.from_store(Store.from_settings(settings)), {self.backend: client})
+        secrets = SecretStore.from_store(Store.from_settings(settings))
+        return GatewayKeys(secrets, {self.backend: client}, lock_seconds=lock_seconds)
+
+
+# The management call that deletes a tenant key, per gateway: (method, path fragment).
+REVOKE_CALLS = {
+    GatewayBackend.openrouter: ("DELETE", "/keys/"),
+    GatewayBackend.litellm: ("POST", "/key/delete"),
+    GatewayBackend.portkey: ("DELETE", "/api-keys/"),
+}
 
 
 @pytest.fixture(params=list(GatewayBackend), ids=[b.value for b in GatewayBackend])
@@ -154,6 +164,50 @@ def test_racing_workers_mint_once(gateway: Gateway, settings: Settings, redis_cl
     assert set(results) == {gateway.standin.minted[0].key}
     sealed = redis_client.hget(f"sw:sealed:gateway:{name}", gateway.backend.value)
     assert sealed and gateway.standin.minted[0].key not in sealed
+
+
+def test_a_mint_slower_than_the_lock_still_mints_once(gateway: Gateway, settings: Settings) -> None:
+    """The mint lock is renewed while its holder mints: a gateway slower than the lock's lifetime does not let a
+    second worker in to mint a second key (it waits its turn, then gets busy, a transient error, or the key)."""
+    gateway.standin.mint_delay = 2.5
+    name = tenant()
+    results: list[TenantKey | Busy] = []
+
+    def ask() -> None:
+        try:
+            results.append(gateway.keys(settings, lock_seconds=1).ensure(name, gateway.backend))
+        except Busy as busy:
+            results.append(busy)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert len(gateway.standin.creations()) == 1
+    assert len({r.key_id for r in results if isinstance(r, TenantKey)}) == 1 and len(results) == 2
+
+
+def test_a_rotation_whose_revoke_fails_keeps_the_old_key_pending_until_revoked(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """The gateway fails the old key's delete: the new key is in use, the old one is listed as pending revocation
+    (not forgotten) and revoked by the next retry once the gateway answers again."""
+    keys, name = gateway.keys(settings), tenant()
+    old = keys.ensure(name, gateway.backend)
+    gateway.standin.fail_calls = (*REVOKE_CALLS[gateway.backend], 503)
+    new = keys.rotate(name, gateway.backend)
+
+    assert keys.ensure(name, gateway.backend).key_id == new.key_id
+    assert keys.pending(name) == [f"{gateway.backend.value}:{old.key_id}"]
+    assert [m.revoked for m in gateway.standin.minted] == [False, False]
+
+    gateway.standin.fail_calls = None
+    keys = gateway.keys(settings)
+    assert keys.revoke_pending(name) == []
+    assert [m.revoked for m in gateway.standin.minted] == [True, False]
 
 
 def test_rotate_replaces_the_key_and_revokes_the_old(gateway: Gateway, settings: Settings) -> None:

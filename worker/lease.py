@@ -16,10 +16,43 @@ from collections.abc import Callable, Iterator
 import redis
 import structlog
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from worker.store import Store
 
 log = structlog.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def renewed(
+    lock: Lock, seconds: float, lost: threading.Event, *, on_beat: Callable[[], None] = lambda: None, name: str = "lock"
+) -> Iterator[None]:
+    """Renew ``lock`` (and ``on_beat``) every third of ``seconds`` while the block runs, so a holder still at work
+    never loses it to expiry; a renewal that finds the lock gone sets ``lost`` and stops."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(seconds / 3):
+            try:
+                lock.reacquire()
+            except LockError:  # expired, or someone else holds it now
+                lost.set()
+                return
+            except redis.RedisError as exc:  # Redis away beyond its retries: keep beating while the lock may hold
+                log.warning("lock renewal failed", lock=name, error=type(exc).__name__)
+                continue
+            try:
+                on_beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed", lock=name, error=type(exc).__name__)
+
+    thread = threading.Thread(target=beat, name=f"renew-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 class Lease:
@@ -58,31 +91,6 @@ class Lease:
             return False
         return True
 
-    def _renew(self) -> bool:
-        try:
-            return bool(self._lock.reacquire())
-        except LockError:  # expired, or someone else holds it now
-            return False
-
-    @contextlib.contextmanager
-    def heartbeat(self) -> Iterator[None]:
+    def heartbeat(self) -> contextlib.AbstractContextManager[None]:
         """Renew the lease (and ``on_beat``) while the block runs, so a live bring-up is never taken over."""
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(self.seconds / 3):
-                try:
-                    if not self._renew():
-                        self.lost.set()
-                        return
-                    self._on_beat()
-                except redis.RedisError as exc:  # Redis away beyond its retries: keep beating while the lease may hold
-                    log.warning("heartbeat failed", error=type(exc).__name__)
-
-        thread = threading.Thread(target=beat, name=f"lease-{self.request_id}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+        return renewed(self._lock, self.seconds, self.lost, on_beat=self._on_beat, name=f"lease-{self.request_id}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Iterator
 from typing import Annotated, TypeVar
 
@@ -25,6 +26,7 @@ import redis
 from pydantic import BaseModel, PlainSerializer, SecretStr, SerializationInfo
 
 from worker.errors import Busy, CredentialError, InvalidRequest
+from worker.lease import renewed
 from worker.models import CredentialsSpec
 from worker.store import PREFIX, Cipher, Store
 
@@ -130,11 +132,13 @@ class SecretStore:
     @contextlib.contextmanager
     def locked(self, name: str, seconds: float) -> Iterator[None]:
         """Hold the Redis lock ``name`` (waiting up to ``seconds``); Busy when another holder keeps it."""
-        lock = self.redis.lock(f"{PREFIX}lock:{name}", timeout=seconds, blocking_timeout=seconds)
+        lock = self.redis.lock(f"{PREFIX}lock:{name}", timeout=seconds, blocking_timeout=seconds, thread_local=False)
         if not lock.acquire():
             raise Busy(f"lock {name} is held by another worker")
         try:
-            yield
+            # Renewed while held: a slow mint must not let the lock expire and a second worker mint as well.
+            with renewed(lock, seconds, threading.Event(), name=name):
+                yield
         finally:
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()

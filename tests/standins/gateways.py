@@ -71,6 +71,8 @@ class GatewayStandIn:
         self.management_key = management_key
         self.mint_delay = mint_delay
         self.fail_next: int | None = None
+        # (HTTP method, path fragment, status): fail every such management call until cleared
+        self.fail_calls: tuple[str, str, int] | None = None
         self.calls: list[Recorded] = []
         self.minted: list[MintedRecord] = []
         self.llm_calls: list[tuple[str, str]] = []  # (path, key)
@@ -114,6 +116,10 @@ class GatewayStandIn:
         self.calls.append(Recorded(request.method, request.url.path, body, dict(request.query_params)))
         if self.presented_management_key(request) != self.management_key:
             return body, JSONResponse({"error": {"message": "invalid management key"}}, 401)
+        if self.fail_calls is not None:
+            method, fragment, status = self.fail_calls
+            if request.method == method and fragment in request.url.path:
+                return body, JSONResponse({"error": {"message": "failing on purpose"}}, status)
         if self.fail_next is not None:
             status, self.fail_next = self.fail_next, None
             return body, JSONResponse(

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from worker.cli import output
 from worker.config import get_settings
 from worker.credentials.broker import gateway_keys
-from worker.credentials.gateway import GatewayKeys
+from worker.credentials.gateway import PENDING, GatewayKeys
 from worker.credentials.vault import CredentialKind, Vault, VaultCredential, VaultStore
 from worker.errors import ConfigurationError, InvalidRequest
 from worker.models import CredentialsSpec, GatewayBackend, LLMProvider, Strategy
@@ -98,7 +98,8 @@ def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name.")], te
 # -- gateway ------------------------------------------------------------------------------------------------
 @gateway_app.command("rotate")
 def gateway_rotate(tenant: TenantArg, backend: Backend = None) -> None:
-    """Mint a new key for the tenant and delete the old one at the gateway."""
+    """Mint a new key for the tenant and delete the old one at the gateway (kept as pending revocation, and
+    retried, when the gateway does not answer)."""
     keys = _keys()
     chosen = _backends(keys, tenant, backend)
     if not chosen:
@@ -106,6 +107,8 @@ def gateway_rotate(tenant: TenantArg, backend: Backend = None) -> None:
     for name in chosen:
         key = keys.rotate(tenant, name)
         output.line(f"rotated {name.value} key of tenant {tenant} ({key.name})")
+    for pending in keys.pending(tenant):
+        output.line(f"pending revocation (the gateway did not confirm the delete; retried): {pending}")
 
 
 @gateway_app.command("spend")
@@ -159,6 +162,7 @@ def tenant_show(tenant: TenantArg) -> None:
         "secrets": secrets.names(tenant),
         "vaults": [v.name for v in VaultStore(secrets).list(tenant)],
         "gateway_keys": secrets.sealed_names("gateway", tenant),
+        "gateway_keys_pending_revocation": secrets.sealed_names(PENDING, tenant),
     }
     output.json_doc(report)
 

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Self
 
+import structlog
 from pydantic import Field
 
 from worker.credentials.agents import KeyAuth, session_provider, token_grant
@@ -27,7 +28,14 @@ if TYPE_CHECKING:
     from worker.config import Settings
     from worker.store import Store
 
+log = structlog.get_logger(__name__)
+
 KIND = "gateway"
+PENDING = "gateway-pending"  # replaced keys the gateway has not confirmed deleted yet
+
+
+def _pending_name(backend: GatewayBackend, key: TenantKey) -> str:
+    return f"{backend.value}:{key.key_id}"
 
 
 class GatewaySettings(SettingsBlock):
@@ -88,19 +96,49 @@ class GatewayKeys:
         return key
 
     def rotate(self, tenant: str, backend: GatewayBackend) -> TenantKey:
-        """A new key for the tenant; the previous one is deleted at the gateway."""
+        """A new key for the tenant; the previous one is deleted at the gateway, or kept as pending revocation
+        (and retried by every later rotate and revoke and by the reaper) when the gateway does not answer: a key
+        replaced but still live would spend its own budget with nothing left to revoke it."""
         client = self.client(backend)
         with self._locked(tenant, backend):
+            self._revoke_pending(tenant, backend)
             previous = self.cached(tenant, backend)
             key = self._mint(client, tenant, previous)
             if previous is not None:
-                client.revoke(previous)
+                self.secrets.seal(PENDING, tenant, _pending_name(backend, previous), previous)
+                self._revoke_pending(tenant, backend)
         return key
+
+    def pending(self, tenant: str) -> list[str]:
+        """The tenant's replaced keys not revoked at their gateway yet, as ``<backend>:<key id>``."""
+        return self.secrets.sealed_names(PENDING, tenant)
+
+    def _revoke_pending(self, tenant: str, backend: GatewayBackend) -> None:
+        client = self.client(backend)
+        for name in self.pending(tenant):
+            key = self.secrets.unseal(PENDING, tenant, name, TenantKey)
+            if key is None or not name.startswith(f"{backend.value}:"):
+                continue
+            try:
+                client.revoke(key)
+            except CredentialError as exc:
+                log.warning("revoking a replaced gateway key failed; kept for a retry", key=name, code=exc.code)
+                continue
+            self.secrets.drop(PENDING, tenant, name)
+
+    def revoke_pending(self, tenant: str) -> list[str]:
+        """Retry the tenant's pending revocations on every configured backend; what is still pending after."""
+        for backend in {GatewayBackend(name.partition(":")[0]) for name in self.pending(tenant)}:
+            if backend in self.clients:
+                with self._locked(tenant, backend):
+                    self._revoke_pending(tenant, backend)
+        return self.pending(tenant)
 
     def revoke(self, tenant: str, backend: GatewayBackend) -> bool:
         """Delete the tenant's key (and its LiteLLM team) at the gateway and forget it. False when none."""
         client = self.client(backend)
         with self._locked(tenant, backend):
+            self._revoke_pending(tenant, backend)
             key = self.cached(tenant, backend)
             if key is None:
                 return False

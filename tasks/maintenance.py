@@ -1,4 +1,5 @@
-"""Maintenance tasks: the reaper, run by beat every ``fleet.reap_interval_seconds``."""
+"""Maintenance tasks: the reaper (and the retry of pending gateway key revocations), run by beat every
+``fleet.reap_interval_seconds``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from worker import runtime
 from worker.celery_app import REAP, app
 from worker.config import get_settings
+from worker.credentials.gateway import gateway_keys
 from worker.queueing import enqueue
 from worker.reaper import build_reaper
 
@@ -18,4 +20,7 @@ def reap() -> list[dict[str, Any]]:
     interval = get_settings().fleet.reap_interval_seconds
     if not runtime.store().claim_once("reap", interval * 0.8):
         return []
+    keys = gateway_keys(get_settings(), runtime.store())
+    if keys is not None:  # replaced gateway keys whose delete failed: retried here until the gateway confirms
+        keys.revoke_all_pending()
     return [dataclasses.asdict(item) for item in build_reaper(enqueue).run()]

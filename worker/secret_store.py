@@ -109,6 +109,11 @@ class SecretStore:
     def sealed_names(self, kind: str, tenant: str) -> list[str]:
         return sorted(str(name) for name in self.redis.hkeys(self._sealed(kind, tenant)))
 
+    def tenants_with(self, kind: str) -> list[str]:
+        """The tenants holding any sealed record of ``kind``."""
+        prefix = self._sealed(kind, "x")[:-1]
+        return sorted(str(key)[len(prefix) :] for key in self.redis.scan_iter(match=f"{prefix}*", count=500))
+
     def drop(self, kind: str, tenant: str, name: str) -> bool:
         return bool(self.redis.hdel(self._sealed(kind, tenant), name))
 

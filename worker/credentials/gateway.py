@@ -126,6 +126,10 @@ class GatewayKeys:
                 continue
             self.secrets.drop(PENDING, tenant, name)
 
+    def revoke_all_pending(self) -> int:
+        """Retry every tenant's pending revocations (the reaper's pass); how many are still pending."""
+        return sum(len(self.revoke_pending(tenant)) for tenant in self.secrets.tenants_with(PENDING))
+
     def revoke_pending(self, tenant: str) -> list[str]:
         """Retry the tenant's pending revocations on every configured backend; what is still pending after."""
         for backend in {GatewayBackend(name.partition(":")[0]) for name in self.pending(tenant)}:

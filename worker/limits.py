@@ -228,7 +228,7 @@ class Limits:
     def renew(self, request: SessionRequest) -> None:
         """Extend the bring-up slots ``request`` holds (a heartbeat): its tenant's, and whichever provider's it is
         being tried on (a failover moves it), so every provider cap is asked; a slot not held is left alone."""
-        providers = (self._provider_semaphore(name) for name in self.config.provider_concurrency)
+        providers = (self._provider_semaphore(ProviderName(name)) for name in self.config.provider_concurrency)
         for semaphore in [self._tenant_semaphore(request), *providers]:
             if semaphore is not None and not semaphore.renew(request.request_id, self.lease_seconds):
                 log.debug("no bring-up slot to renew", semaphore=semaphore.name)
@@ -258,4 +258,4 @@ class Limits:
         """Release ``request_id``'s live-sandbox slot on whichever provider holds it (failover may have moved the
         request off its first choice); a request holds at most one at a time."""
         for provider in self.config.provider_sandboxes:
-            self.release_sandbox(provider, request_id)
+            self.release_sandbox(ProviderName(provider), request_id)

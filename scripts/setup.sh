@@ -3,7 +3,8 @@
 # Idempotent: every step is skipped when already satisfied, so a second run takes seconds.
 # `--venv-only` does step 4 alone (what `make unit` needs: no Redis, no Docker).
 #   1. apt packages: redis-server, docker.io, debootstrap (+ npm, python3-venv when missing)
-#   2. redis-server on 127.0.0.1:6379
+#   2. redis-server on 127.0.0.1:6379, append-only (records, leases and the fleet marker survive a restart;
+#      a running Redis without AOF is switched to it with CONFIG SET)
 #   3. dockerd (no systemd here: started in the background, log in /var/log/dockerd.log)
 #   4. .venv with `pip install -e '.[dev]'` (re-run only when pyproject.toml changes)
 #   5. the sandbox-agent binary (npm tarball, integrity-checked, cached)
@@ -15,6 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 DOCKERD_LOG=/var/log/dockerd.log
 REDIS_LOG=/var/log/redis-sandbox-worker.log
+REDIS_DIR=${REDIS_DIR:-/var/lib/redis-sandbox-worker}
 VENV="$REPO_ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
 
@@ -58,11 +60,20 @@ step_packages() {
 step_redis() {
     if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then
         log "redis: running on 127.0.0.1:6379"
+        # A Redis that loses its data on restart makes the reaper refuse to act (docs/operations.md): turn AOF on.
+        if redis-cli -h 127.0.0.1 -p 6379 config get appendonly 2>/dev/null | grep -qx no; then
+            if redis-cli -h 127.0.0.1 -p 6379 config set appendonly yes 2>/dev/null | grep -q OK; then
+                log "redis: append-only turned on (CONFIG SET; add 'appendonly yes' to its config to keep it)"
+            else
+                log "redis: WARNING: running without append-only and CONFIG SET was refused; a restart loses its data"
+            fi
+        fi
         return 0
     fi
     log "redis: starting redis-server on 127.0.0.1:6379"
-    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no \
-        --dir /tmp --logfile "$REDIS_LOG" >/dev/null || { show_tail "$REDIS_LOG"; die "redis-server did not start"; }
+    mkdir -p "$REDIS_DIR"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly yes --appendfsync everysec \
+        --dir "$REDIS_DIR" --logfile "$REDIS_LOG" >/dev/null || { show_tail "$REDIS_LOG"; die "redis-server did not start"; }
     local i
     for ((i = 0; i < 100; i++)); do
         redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && { log "redis: ready"; return 0; }

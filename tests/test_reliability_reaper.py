@@ -18,6 +18,7 @@ from providers.base import (
 )
 from tests.fleet import Fleet, fleet_fixture  # noqa: F401 - the fixture
 from worker import runtime
+from worker.config import get_settings
 from worker.lease import Lease
 from worker.models import ProviderName, SessionRequest, SessionState
 from worker.store import SessionRecord
@@ -130,3 +131,47 @@ def test_reaper_requeues_an_abandoned_request_once_per_grace_period(fleet: Fleet
     ]
     assert [request.request_id for request in requeued] == [abandoned.request.request_id]
     assert [item.done for item in second] == [False]
+
+
+def test_reaper_refuses_without_a_fleet_identity(
+    fleet: Fleet, docker_client: docker.DockerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default owner label the reaper acts only while Redis holds the fleet marker, and then never on a
+    sandbox older than the marker; after a data loss (FLUSHALL) it refuses the whole pass, and `reap` exits 1
+    saying why."""
+    from typer.testing import CliRunner
+
+    from worker import cli
+    from worker.config import DEFAULT_OWNER
+    from worker.store import FLEET_MARKER
+
+    def default_owner_reaper() -> Any:
+        reaper = fleet.reaper()
+        reaper.settings = reaper.settings.model_copy(update={"owner": DEFAULT_OWNER})
+        return reaper
+
+    assert fleet.redis.get(FLEET_MARKER) is None
+    assert default_owner_reaper().refusal() is not None and default_owner_reaper().run() == []
+    assert fleet.reaper().refusal() is None  # a fleet's own label is identity enough
+
+    # An orphan of the default owner from before the marker: "no record" may mean its records were lost.
+    old = _sandbox(fleet, "lost-long-ago", age=3600, owner=DEFAULT_OWNER)
+    try:
+        _record(fleet, SessionState.failed)  # the first record writes the marker
+        assert fleet.redis.get(FLEET_MARKER) is not None
+        reaper = default_owner_reaper()
+        assert reaper.refusal() is None
+        assert old.sandbox_id not in {item.sandbox_id for item in reaper.run(dry_run=True)}  # dry: others' stay
+
+        fleet.redis.flushall()  # Redis loses its data: the marker with it
+        assert default_owner_reaper().refusal() is not None and default_owner_reaper().run() == []
+        assert _exists(docker_client, old)
+
+        monkeypatch.setenv("SANDBOX_WORKER_OWNER", DEFAULT_OWNER)
+        get_settings.cache_clear()
+        runtime.close()
+        runtime.store.cache_clear()
+        outcome = CliRunner().invoke(cli.app, ["reap"])
+        assert outcome.exit_code == 1 and "refusing to reap" in outcome.output
+    finally:
+        docker_client.containers.get(old.sandbox_id).remove(force=True)

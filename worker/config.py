@@ -24,6 +24,7 @@ from worker.fleet import FleetConfig
 from worker.models import InstallMode, ProviderName, Strategy
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_OWNER = "sandbox-worker"  # shared by every fleet that keeps it: the reaper does not trust it alone
 
 
 def _default_binary() -> Path:
@@ -78,9 +79,10 @@ class Settings(BaseSettings):
         None, description="Fernet key encrypting secrets at rest in Redis (`sandbox-worker keygen`)."
     )
     owner: str = Field(
-        "sandbox-worker",
+        DEFAULT_OWNER,
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
-        description="Owner label value: the reaper only touches sandboxes carrying it.",
+        description="Owner label value: the reaper only touches sandboxes carrying it, and with the default only "
+        "once Redis holds the fleet marker (give each fleet its own label).",
     )
 
     daemon_install: InstallMode = Field(InstallMode.preinstalled, description="How the daemon gets into the sandbox.")

@@ -57,6 +57,26 @@ class FleetConfig(BaseModel):
         description="Tries of a transient failure within one stage (jittered backoff) before the bring-up is "
         "compensated and left to the next attempt; see worker/retries.py for how the layers multiply.",
     )
+    failover: dict[ProviderName, list[ProviderName]] = Field(
+        default_factory=dict,
+        description='Providers to fail over to, in order, per first-choice provider (\'{"e2b": ["daytona", '
+        '"docker"]}\'), for requests that name no fallback_providers; a worker serving a provider must be '
+        "configured for its fallbacks too.",
+    )
+    breaker_failures: PositiveInt = Field(
+        5,
+        description="Consecutive provider-side failures of a provider (within breaker_window_seconds, across all "
+        "workers) that open its circuit breaker.",
+    )
+    breaker_window_seconds: float = Field(
+        120.0, gt=0, description="Window in which breaker_failures must fall; an older failure streak is forgotten."
+    )
+    breaker_cooldown_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How long an open breaker makes requests skip its provider before one probe request is let "
+        "through (half-open); a successful probe closes it, a failed one opens it for another cool-down.",
+    )
     reap_interval_seconds: float = Field(60.0, gt=0, description="How often beat runs the reaper.")
     reap_grace_seconds: float = Field(
         300.0,

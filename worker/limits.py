@@ -169,49 +169,82 @@ class Limits:
         self.config = config
         self.lease_seconds = lease_seconds
 
-    def _bring_up_semaphores(self, request: SessionRequest) -> list[Semaphore]:
+    def _tenant_semaphore(self, request: SessionRequest) -> Semaphore | None:
+        tenant_cap = self.config.tenant_concurrency_overrides.get(request.tenant_id, self.config.tenant_concurrency)
+        return Semaphore(self.redis, f"tenant:{request.tenant_id}", tenant_cap) if tenant_cap is not None else None
+
+    def _provider_semaphore(self, provider: ProviderName) -> Semaphore | None:
+        provider_cap = self.config.provider_concurrency.get(provider)
+        return Semaphore(self.redis, f"provider:{provider.value}", provider_cap) if provider_cap is not None else None
+
+    def _bring_up_semaphores(self, request: SessionRequest, provider: ProviderName | None = None) -> list[Semaphore]:
         """Tenant first, then provider: a request queues for a provider slot only once its tenant allows it,
         so one tenant at its cap never holds up the others' line."""
-        semaphores = []
-        tenant_cap = self.config.tenant_concurrency_overrides.get(request.tenant_id, self.config.tenant_concurrency)
-        if tenant_cap is not None:
-            semaphores.append(Semaphore(self.redis, f"tenant:{request.tenant_id}", tenant_cap))
-        provider_cap = self.config.provider_concurrency.get(request.provider)
-        if provider_cap is not None:
-            semaphores.append(Semaphore(self.redis, f"provider:{request.provider.value}", provider_cap))
-        return semaphores
+        found = (self._tenant_semaphore(request), self._provider_semaphore(provider or request.provider))
+        return [semaphore for semaphore in found if semaphore is not None]
 
     def _quota(self, provider: ProviderName) -> Semaphore | None:
         quota = self.config.provider_sandboxes.get(provider)
         return Semaphore(self.redis, f"sandboxes:{provider.value}", quota) if quota is not None else None
 
     @contextlib.contextmanager
-    def bring_up(
-        self, request: SessionRequest, deadline: float, checkpoint: Callable[[], None] = lambda: None
+    def _holding(
+        self, semaphores: list[Semaphore], holder: str, deadline: float, checkpoint: Callable[[], None]
     ) -> Iterator[None]:
-        """Hold a bring-up slot under every cap that applies to ``request`` for the duration of the block."""
         with contextlib.ExitStack() as held:
-            for semaphore in self._bring_up_semaphores(request):
+            for semaphore in semaphores:
                 waited = semaphore.acquire(
-                    request.request_id, lease_seconds=self.lease_seconds, deadline=deadline, checkpoint=checkpoint
+                    holder, lease_seconds=self.lease_seconds, deadline=deadline, checkpoint=checkpoint
                 )
-                held.callback(semaphore.release, request.request_id)
+                held.callback(semaphore.release, holder)
                 if waited >= POLL_SECONDS:
                     log.info("slot acquired", semaphore=semaphore.name, waited_ms=round(waited * 1000))
             yield
 
+    def bring_up(
+        self, request: SessionRequest, deadline: float, checkpoint: Callable[[], None] = lambda: None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold a bring-up slot under every cap that applies to ``request`` for the duration of the block."""
+        return self._holding(self._bring_up_semaphores(request), request.request_id, deadline, checkpoint)
+
+    def tenant_slot(
+        self, request: SessionRequest, deadline: float, checkpoint: Callable[[], None] = lambda: None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The tenant's part of :meth:`bring_up` alone (failover holds it once, and a provider slot per try)."""
+        semaphores = [s for s in (self._tenant_semaphore(request),) if s is not None]
+        return self._holding(semaphores, request.request_id, deadline, checkpoint)
+
+    def provider_slot(
+        self,
+        request: SessionRequest,
+        provider: ProviderName,
+        deadline: float,
+        checkpoint: Callable[[], None] = lambda: None,
+    ) -> contextlib.AbstractContextManager[None]:
+        """The provider's part of :meth:`bring_up`, for the provider the request is tried on."""
+        semaphores = [s for s in (self._provider_semaphore(provider),) if s is not None]
+        return self._holding(semaphores, request.request_id, deadline, checkpoint)
+
     def renew(self, request: SessionRequest) -> None:
-        """Extend the bring-up slots ``request`` holds (a heartbeat); a lost one is logged."""
-        for semaphore in self._bring_up_semaphores(request):
-            if not semaphore.renew(request.request_id, self.lease_seconds):
+        """Extend the bring-up slots ``request`` holds (a heartbeat): its tenant's, and whichever provider's it is
+        being tried on (a failover moves it), so every provider cap is asked; a slot not held is left alone."""
+        providers = (self._provider_semaphore(ProviderName(name)) for name in self.config.provider_concurrency)
+        for semaphore in [self._tenant_semaphore(request), *providers]:
+            if semaphore is not None and not semaphore.renew(request.request_id, self.lease_seconds):
                 log.debug("no bring-up slot to renew", semaphore=semaphore.name)
 
     def reserve_sandbox(
-        self, request: SessionRequest, *, until: float, deadline: float, checkpoint: Callable[[], None] = lambda: None
+        self,
+        request: SessionRequest,
+        *,
+        until: float,
+        deadline: float,
+        checkpoint: Callable[[], None] = lambda: None,
+        provider: ProviderName | None = None,
     ) -> None:
-        """Hold a live-sandbox slot of the provider's quota until the epoch time ``until`` (the sandbox's expiry),
-        or until :meth:`release_sandbox`."""
-        quota = self._quota(request.provider)
+        """Hold a live-sandbox slot of the quota of ``provider`` (the request's own by default) until the epoch
+        time ``until`` (the sandbox's expiry), or until :meth:`release_sandbox`."""
+        quota = self._quota(provider or request.provider)
         if quota is not None:
             lease = max(until - time.time(), self.lease_seconds)
             quota.acquire(request.request_id, lease_seconds=lease, deadline=deadline, checkpoint=checkpoint)
@@ -220,3 +253,9 @@ class Limits:
         quota = self._quota(provider)
         if quota is not None:
             quota.release(request_id)
+
+    def release_sandboxes(self, request_id: str) -> None:
+        """Release ``request_id``'s live-sandbox slot on whichever provider holds it (failover may have moved the
+        request off its first choice); a request holds at most one at a time."""
+        for provider in self.config.provider_sandboxes:
+            self.release_sandbox(ProviderName(provider), request_id)

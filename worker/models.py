@@ -169,6 +169,13 @@ class SessionRequest(_Strict):
     credentials: CredentialsSpec = Field(default_factory=CredentialsSpec)
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
     session: SessionOptions = Field(default_factory=SessionOptions)
+    fallback_providers: list[ProviderName] | None = Field(
+        None,
+        max_length=len(REGISTRY),
+        description="Providers to fail over to, in order, when `provider` is down, out of quota or skipped by its "
+        "circuit breaker; the operator's list for `provider` (fleet.failover) when absent, none when empty. A "
+        "fallback runs the request with its own default image (sandbox.image is the first choice's).",
+    )
 
     @field_validator("request_id", "tenant_id", mode="before")
     @classmethod
@@ -181,6 +188,13 @@ class ErrorInfo(_Strict):
     stage: str | None = None
     message: str
     field: str | None = None
+
+
+class SkippedProvider(_Strict):
+    """A provider a request did not run on, and why."""
+
+    provider: ProviderName
+    reason: str
 
 
 class SessionResult(_Strict):
@@ -217,6 +231,10 @@ class SessionResult(_Strict):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: ErrorInfo | None = None
     updated_at: float = Field(default_factory=time.time)
+    skipped: list[SkippedProvider] = Field(
+        default_factory=list,
+        description="Providers tried or passed over before the one that served (`provider`), with the reason.",
+    )
 
 
 def invalid_result(payload: Any, error: InvalidRequest) -> SessionResult:

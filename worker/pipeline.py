@@ -38,9 +38,10 @@ from providers.base import (
     Sandbox,
     SandboxSpec,
 )
-from worker import daemon
+from worker import daemon, failover
 from worker.acp import AcpConnection
 from worker.agents import HOME, AgentSetup, agent_setup
+from worker.breaker import Breaker
 from worker.config import Settings
 from worker.credentials.agents import llm_provider_for
 from worker.credentials.base import CredentialGrant
@@ -51,6 +52,7 @@ from worker.errors import (
     Busy,
     DaemonError,
     InvalidRequest,
+    ProviderUnavailable,
     SandboxGone,
     SandboxWorkerError,
     StoreUnavailable,
@@ -66,6 +68,7 @@ from worker.models import (
     SessionRequest,
     SessionResult,
     SessionState,
+    SkippedProvider,
     invalid_result,
     parse_request,
 )
@@ -291,8 +294,8 @@ class Pipeline:
             with self._stage(attempt, "sandbox"):
                 deadline = time.monotonic() + settings.fleet.slot_wait_seconds
                 checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
-                slots.enter_context(self.limits.bring_up(request, deadline, checkpoint))
-                sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline)
+                slots.enter_context(self.limits.tenant_slot(request, deadline, checkpoint))
+                provider, sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline, slots)
 
             with self._stage(attempt, "daemon"):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
@@ -336,6 +339,10 @@ class Pipeline:
         finally:
             client.close()
 
+    @functools.cached_property
+    def breaker(self) -> Breaker:
+        return Breaker(self.store.redis, self.settings.fleet)
+
     def _acquire_sandbox(
         self,
         request: SessionRequest,
@@ -343,33 +350,87 @@ class Pipeline:
         provider: Provider,
         environment: SessionEnvironment,
         deadline: float,
-    ) -> Sandbox:
+        slots: contextlib.ExitStack,
+    ) -> tuple[Provider, Sandbox]:
         """Stage 4, the sandbox the session runs in: the one adopted from a dead attempt, or a new one under the
-        provider's quota. A warm pool plugs in here, handing out a started sandbox instead of starting one."""
-        settings, record = self.settings, attempt.record
-        if attempt.sandbox is None:
-            labels = sandbox_labels(settings.owner, request, time.time())
-            checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
-            self.limits.reserve_sandbox(
-                request, until=float(labels[LABEL_EXPIRES_AT]), deadline=deadline, checkpoint=checkpoint
-            )
-            spec = SandboxSpec(
-                image=request.sandbox.image,
-                labels=labels,
-                env=environment.sandbox_env,
-                cpu=request.sandbox.cpu,
-                memory_mb=request.sandbox.memory_mb,
-                ttl_seconds=request.sandbox.ttl_seconds,
-                ports=(settings.daemon_port,),
-                idempotency_key=f"{request.request_id}-{record.attempts}",
-            )
-            attempt.sandbox = self.retries.in_stage(lambda: provider.start(spec))
-            record.expires_at = float(labels[LABEL_EXPIRES_AT])
-        else:
+        provider's caps, failing over to the next provider (:mod:`worker.failover`) when one is down or its
+        breaker open. Holds the provider's bring-up slot in ``slots``. A warm pool plugs in here, handing out a
+        started sandbox instead of starting one."""
+        record = attempt.record
+        checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
+        if attempt.sandbox is not None:
+            slots.enter_context(self.limits.provider_slot(request, request.provider, deadline, checkpoint))
             expires_at = attempt.sandbox.labels.get(LABEL_EXPIRES_AT)
             record.expires_at = float(expires_at) if expires_at else None
-        record.result.sandbox_id = attempt.sandbox.sandbox_id
-        self.store.put(record)
+            record.result.sandbox_id = attempt.sandbox.sandbox_id
+            self.store.put(record)
+            return provider, attempt.sandbox
+        record.result.skipped = []
+        failed: SandboxWorkerError | None = None
+        for name in failover.candidates(request, self.settings.fleet):
+            admission = self.breaker.admit(name, request.request_id)
+            if not admission:
+                log.info("skipping a provider", provider=name.value, reason=admission.reason)
+                record.result.skipped.append(SkippedProvider(provider=name, reason=admission.reason))
+                continue
+            candidate = provider if name == request.provider else self.providers(name)
+            attempt.provider, record.result.provider = candidate, name
+            held = contextlib.ExitStack()
+            try:
+                held.enter_context(self.limits.provider_slot(request, name, deadline, checkpoint))
+                sandbox = self._start_sandbox(request, attempt, candidate, name, environment, deadline)
+            except SandboxWorkerError as exc:
+                held.close()
+                if not failover.provider_side(exc):
+                    raise
+                self.breaker.failure(name)
+                with contextlib.suppress(Exception):  # what a failed create may have left; frees its quota slot
+                    self.teardown.remove_sandboxes(candidate, request, None)
+                reason = REDACTOR.redact(f"{exc.code}: {exc.message}")[:300]
+                record.result.skipped.append(SkippedProvider(provider=name, reason=reason))
+                log.warning("provider failed, failing over", provider=name.value, code=exc.code)
+                failed = exc
+                continue
+            except BaseException:
+                held.close()
+                raise
+            self.breaker.success(name)
+            slots.enter_context(held)
+            record.result.sandbox_id = sandbox.sandbox_id
+            self.store.put(record)
+            return candidate, sandbox
+        if failed is not None:
+            raise failed
+        skipped = ", ".join(f"{s.provider.value} ({s.reason})" for s in record.result.skipped)
+        raise ProviderUnavailable(f"no provider to run on: {skipped}", provider=request.provider.value)
+
+    def _start_sandbox(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        provider: Provider,
+        name: ProviderName,
+        environment: SessionEnvironment,
+        deadline: float,
+    ) -> Sandbox:
+        """A new sandbox of ``request`` on the provider ``name``, under that provider's quota."""
+        settings, record = self.settings, attempt.record
+        labels = sandbox_labels(settings.owner, request, time.time())
+        checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
+        until = float(labels[LABEL_EXPIRES_AT])
+        self.limits.reserve_sandbox(request, until=until, deadline=deadline, checkpoint=checkpoint, provider=name)
+        spec = SandboxSpec(
+            image=failover.image_for(request, name),
+            labels=labels,
+            env=environment.sandbox_env,
+            cpu=request.sandbox.cpu,
+            memory_mb=request.sandbox.memory_mb,
+            ttl_seconds=request.sandbox.ttl_seconds,
+            ports=(settings.daemon_port,),
+            idempotency_key=f"{request.request_id}-{record.attempts}",
+        )
+        attempt.sandbox = self.retries.in_stage(lambda: provider.start(spec))
+        record.expires_at = until
         return attempt.sandbox
 
     def _start_daemon(

@@ -16,6 +16,13 @@ Provider-agnostic. One pass (:meth:`Reaper.run`):
    again, at most once per grace period. The pipeline adopts or removes what the dead attempt left.
 
 Every action is idempotent; a dry run reports what it would do.
+
+**Identity.** The reaper acts only with a fleet identity it can trust, because "no record" is only evidence when
+the records are this fleet's and intact: an owner label other than the default ``sandbox-worker`` (which another
+fleet sharing the engine or account may also use), or the fleet marker in Redis (:data:`worker.store.FLEET_MARKER`,
+written with the first record, gone after a data loss). Without either it refuses the whole pass and says why
+(:meth:`Reaper.refusal`). With the default owner and the marker, a sandbox without a record is removed only when it
+was created after the marker: one older than the Redis's records may belong to records that were lost.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any, Literal
 import structlog
 
 from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, LABEL_REQUEST_ID, Provider, Sandbox
-from worker.config import Settings
+from worker.config import DEFAULT_OWNER, Settings
 from worker.errors import SandboxWorkerError
 from worker.limits import Limits
 from worker.models import ProviderName, SessionRequest, SessionState
@@ -67,7 +74,21 @@ class Reaper:
     requeue: Callable[[SessionRequest], None]  # back on the request's provider queue
     limits: Limits
 
+    def refusal(self) -> str | None:
+        """Why the reaper must not act, or None when it has a fleet identity it can trust."""
+        if self.settings.owner != DEFAULT_OWNER or self.store.fleet_since() is not None:
+            return None
+        return (
+            f"refusing to reap: the owner label is the default {DEFAULT_OWNER!r} (another fleet may share it) and "
+            "Redis has no fleet marker (it is new or lost its data), so a sandbox without a record may not be an "
+            "orphan; set SANDBOX_WORKER_OWNER to this fleet's own label"
+        )
+
     def run(self, *, dry_run: bool = False) -> list[Reaped]:
+        """One pass; nothing at all when :meth:`refusal` says the reaper cannot trust its records."""
+        if (why := self.refusal()) is not None:
+            log.warning("reaper refused", reason=why)
+            return []
         now = time.time()
         plan: list[Reaped] = []
         for name in self.settings.providers:
@@ -99,6 +120,10 @@ class Reaper:
         if record is None:
             created = _label_time(sandbox, LABEL_CREATED_AT)
             past_grace = created is not None and now - created > self.settings.fleet.reap_grace_seconds
+            if self.settings.owner == DEFAULT_OWNER:  # trusted by the marker alone: not what predates it
+                since = self.store.fleet_since()
+                if since is None or created is None or created < since:
+                    return None
             return ("remove", "no record") if past_grace else None
         state = record.result.state
         expires = _label_time(sandbox, LABEL_EXPIRES_AT)

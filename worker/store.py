@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from worker.config import Settings  # at run time worker.config imports the strategies, which import us
 
 PREFIX = "sw:"
+# Written with the first record (SET NX) and never removed: a Redis without it has lost its data (or is new), so
+# "no record" proves nothing about a sandbox older than it (worker.reaper).
+FLEET_MARKER = f"{PREFIX}fleet:since"
 
 # A Redis restart or failover is ridden out command by command: up to about 30 s of reconnecting with backoff.
 _RETRY = Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), retries=20)
@@ -146,6 +149,12 @@ class Store:
         else:
             pipe.zadd(f"{PREFIX}live", {request_id: record.deadline})
 
+    def fleet_since(self) -> float | None:
+        """When this Redis began keeping the fleet's records (the marker's time); None when it has lost them, or
+        has never kept any."""
+        since = self.redis.get(FLEET_MARKER)
+        return float(since) if since is not None else None
+
     def create(self, request: SessionRequest) -> SessionRecord:
         """The record for ``request``, created queued if it does not exist yet (SET NX: one winner)."""
         record = SessionRecord(
@@ -162,6 +171,7 @@ class Store:
         key = f"{PREFIX}session:{request.request_id}"
         if self.redis.set(key, record.model_dump_json(), nx=True):
             pipe = self.redis.pipeline()
+            pipe.set(FLEET_MARKER, str(int(record.created_at)), nx=True)
             self._index(pipe, record)
             pipe.execute()
             return record

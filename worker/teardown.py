@@ -54,14 +54,15 @@ class Teardown:
         self.limits = limits
 
     def remove_sandboxes(self, provider: Provider, request: SessionRequest, known: str | None) -> int:
-        """Remove every sandbox of ``request`` (by label, plus ``known``) and free its live-sandbox slot."""
+        """Remove every sandbox of ``request`` on ``provider`` (by label, plus ``known``) and free its live-sandbox
+        slot, whichever provider's quota it is on."""
         labels = {LABEL_OWNER: self.settings.owner, LABEL_REQUEST_ID: request.request_id}
         ids = {s.sandbox_id for s in provider.list_owned(labels)}
         if known:
             ids.add(known)
         for sandbox_id in ids:
             provider.stop(sandbox_id)
-        self.limits.release_sandbox(request.provider, request.request_id)
+        self.limits.release_sandboxes(request.request_id)
         return len(ids)
 
     def compensate(self, request: SessionRequest, provider: Provider | None, known: str | None, granted: bool) -> None:
@@ -116,7 +117,8 @@ class Teardown:
     def end(self, record: SessionRecord) -> None:
         """Remove the request's sandboxes, release its credentials and record it terminated."""
         request = record.request
-        removed = self.remove_sandboxes(self.providers(request.provider), request, record.result.sandbox_id)
+        served = record.result.provider or request.provider  # failover may have moved it off its first choice
+        removed = self.remove_sandboxes(self.providers(served), request, record.result.sandbox_id)
         with contextlib.suppress(SandboxWorkerError):
             self.credentials.release(request)
         record.result.state = SessionState.terminated

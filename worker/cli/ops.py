@@ -72,12 +72,16 @@ def reap(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be done.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the actions as JSON on stdout.")] = False,
 ) -> None:
-    """Remove orphaned sandboxes, terminate sessions past their ttl, requeue requests whose worker died."""
+    """Remove orphaned sandboxes, terminate sessions past their ttl, requeue requests whose worker died. Exits 1,
+    doing nothing, without a fleet identity to trust (docs/operations.md)."""
     from worker.queueing import enqueue
     from worker.reaper import build_reaper
 
     _log_to_stderr()
-    items = build_reaper(enqueue).run(dry_run=dry_run)
+    reaper = build_reaper(enqueue)
+    if (why := reaper.refusal()) is not None:
+        raise output.fail(why, code=1)
+    items = reaper.run(dry_run=dry_run)
     if as_json:
         output.json_doc([dataclasses.asdict(item) for item in items])
         return

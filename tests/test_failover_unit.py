@@ -12,7 +12,8 @@ from providers.base import Provider
 from providers.fake import FakeProvider, StandInDaemons
 from worker.breaker import Breaker
 from worker.config import Settings, get_settings
-from worker.credentials.broker import CredentialBroker, NoCredentials
+from worker.credentials.broker import CredentialBroker
+from worker.credentials.none import NoCredentials
 from worker.errors import ProviderError, ProviderUnavailable
 from worker.models import ProviderName, SessionState
 from worker.pipeline import Pipeline

@@ -171,7 +171,7 @@ class SessionRequest(_Strict):
     session: SessionOptions = Field(default_factory=SessionOptions)
     fallback_providers: list[ProviderName] | None = Field(
         None,
-        max_length=len(REGISTRY),
+        max_length=len(PROVIDERS),
         description="Providers to fail over to, in order, when `provider` is down, out of quota or skipped by its "
         "circuit breaker; the operator's list for `provider` (fleet.failover) when absent, none when empty. A "
         "fallback runs the request with its own default image (sandbox.image is the first choice's).",

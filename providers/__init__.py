@@ -12,7 +12,6 @@ model never needs the SDK.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,11 +28,9 @@ REGISTRY: dict[str, str] = {
 def driver_class(name: str) -> type[Provider]:
     """The driver class registered as ``name`` (importing its module, which does not import the SDK)."""
     from providers.base import Provider
+    from worker.registry import load_registered
 
-    module_name, _, class_name = REGISTRY[name].partition(":")
-    driver = getattr(importlib.import_module(module_name), class_name)
-    if not (isinstance(driver, type) and issubclass(driver, Provider)) or driver.name != name:
-        raise TypeError(f"{REGISTRY[name]} is not the Provider registered as {name!r}")
+    driver: type[Provider] = load_registered(REGISTRY, name, Provider)
     return driver
 
 

@@ -48,6 +48,16 @@ cleanup() {
 trap cleanup EXIT
 
 SUBMIT_ARGS=(--agent "$AGENT" --provider docker --tenant "$TENANT" --request-id "$REQUEST_ID")
+# Wait until LOG has a line matching PATTERN, failing if the process PID (NAME) exits first.
+wait_for_line() {
+    local pattern=$1 log=$2 pid=$3 name=$4
+    for _ in $(seq 1 100); do
+        grep -q "$pattern" "$log" && return 0
+        kill -0 "$pid" 2>/dev/null || { cat "$log"; echo "$name exited" >&2; exit 1; }
+        sleep 0.2
+    done
+}
+
 if [[ -n "$LLM" ]]; then
     # The demo's stand-in LLM API, reachable from the sandbox only on the bridge address (never 0.0.0.0).
     HOST=${DEMO_LLM_HOST:-$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}' 2>/dev/null || true)}
@@ -57,11 +67,7 @@ if [[ -n "$LLM" ]]; then
     DEMO_KEY="sk-demo-not-a-real-key-$$"   # made up; the stand-in accepts only this one
     "$PY" -m tests.standins.llm_api --host "$HOST" --port "$PORT" --accepted-key "$DEMO_KEY" >"$LLM_LOG" 2>&1 &
     STANDIN=$!
-    for _ in $(seq 1 100); do
-        grep -q "stand-in LLM API on" "$LLM_LOG" && break
-        kill -0 "$STANDIN" 2>/dev/null || { cat "$LLM_LOG"; echo "the stand-in LLM API exited" >&2; exit 1; }
-        sleep 0.1
-    done
+    wait_for_line "stand-in LLM API on" "$LLM_LOG" "$STANDIN" "the stand-in LLM API"
     echo "== LLM: stand-in $LLM_NAME API at $LLM_URL (tests/standins/llm_api.py), not the real API"
     # The `shared` strategy: an org key (the made-up demo key) for the demo tenant, at the stand-in's address.
     export SANDBOX_WORKER_CREDENTIALS__SHARED__ANTHROPIC="$DEMO_KEY"
@@ -77,11 +83,7 @@ fi
 
 "${CLI[@]}" worker --concurrency 1 --providers docker >"$LOG" 2>&1 &
 WORKER=$!
-for _ in $(seq 1 100); do
-    grep -q "ready\." "$LOG" && break
-    kill -0 "$WORKER" 2>/dev/null || { cat "$LOG"; echo "the worker exited" >&2; exit 1; }
-    sleep 0.2
-done
+wait_for_line "ready\." "$LOG" "$WORKER" "the worker"
 
 echo "== submitting $REQUEST_ID (agent $AGENT, provider docker${LLM:+, strategy shared})"
 START=$(date +%s.%N)

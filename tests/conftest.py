@@ -7,11 +7,13 @@ concurrent runs on one machine never see each other's queues, records or sandbox
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +36,27 @@ FERNET_KEY = Fernet.generate_key().decode()
 
 # Variables a developer's shell may carry that would change what the tests see.
 _LEAKY_ENV = ("ANTHROPIC_API_KEY", "CLAUDE_API_KEY", "OPENAI_API_KEY", "CODEX_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+def run_fresh(script: str, **env: str) -> Any:
+    """Run ``script`` in a fresh interpreter on this checkout (no SANDBOX_WORKER_ variables but ``env``) and
+    return the JSON of its last line: for what is decided when a module is imported (the registries)."""
+    environ = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_WORKER_")},
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:

@@ -214,6 +214,7 @@ def test_tenant_and_vault_commands(base_env: dict[str, str], store: SecretStore)
             "secrets": [],
             "vaults": ["llm"],
             "gateway_keys": ["litellm"],
+            "gateway_keys_pending_revocation": [],
         }
         removed = cli(["tenant", "remove", name], env)
         assert removed.returncode == 0, removed.stderr

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import fakeredis
 import pytest
 
 from providers.base import Provider
@@ -18,26 +16,16 @@ from worker.errors import ProviderError, ProviderUnavailable
 from worker.models import ProviderName, SessionState
 from worker.pipeline import Pipeline
 from worker.retries import RetryLater
-from worker.store import Cipher, Store
+from worker.store import Store
+
+pytest_plugins = ["tests.standins.fake_fixtures"]
 
 DOCKER, E2B = ProviderName("docker"), ProviderName("e2b")
-
-
-@pytest.fixture(scope="module")
-def daemons() -> Iterator[StandInDaemons]:
-    server = StandInDaemons()
-    yield server
-    server.close()
 
 
 @pytest.fixture
 def fakes(daemons: StandInDaemons) -> dict[ProviderName, FakeProvider]:
     return {E2B: FakeProvider(daemons=daemons), DOCKER: FakeProvider(daemons=daemons)}
-
-
-@pytest.fixture
-def store() -> Store:
-    return Store(fakeredis.FakeRedis(decode_responses=True), Cipher(get_settings().fernet_key))
 
 
 def _settings(**fleet: Any) -> Settings:

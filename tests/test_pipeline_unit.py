@@ -5,11 +5,9 @@ or a Docker engine (the integration suites prove the same against the real ones)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import fakeredis
 import pytest
 from celery import Celery
 
@@ -33,29 +31,18 @@ from worker.models import (
 from worker.pipeline import Pipeline, ProgressHook, no_progress
 from worker.queueing import send_create
 from worker.retries import RetryLater
-from worker.store import Cipher, Store
+from worker.store import Store
+
+pytest_plugins = ["tests.standins.fake_fixtures"]
 
 
 class _Crash(BaseException):
     """A worker dying mid-stage: nothing of the pipeline's own handling runs."""
 
 
-@pytest.fixture(scope="module")
-def daemons() -> Iterator[StandInDaemons]:
-    server = StandInDaemons()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def provider(daemons: StandInDaemons) -> FakeProvider:
     return FakeProvider(daemons=daemons)
-
-
-@pytest.fixture
-def store() -> Store:
-    settings = get_settings()
-    return Store(fakeredis.FakeRedis(decode_responses=True), Cipher(settings.fernet_key))
 
 
 def _settings(**fleet: Any) -> Settings:

@@ -4,36 +4,17 @@ ProviderName and Settings are built from the registry when their modules are imp
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
+
+from tests.conftest import run_fresh
 
 ROOT = Path(__file__).resolve().parent.parent
 SDKS = ("docker", "e2b", "daytona", "aiohttp", "urllib3", "requests")
 
 
 def _run(script: str, **env: str) -> Any:
-    """Run ``script`` in a fresh interpreter on this checkout and return the JSON it prints."""
-    environ = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_WORKER_")},
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        **env,
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    return run_fresh(script, **env)
 
 
 def test_settings_and_models_load_without_any_provider_sdk() -> None:

@@ -4,37 +4,17 @@ the registry when their modules are imported; none needs Redis (a Store connects
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
+
+from tests.conftest import run_fresh
 
 ROOT = Path(__file__).resolve().parent.parent
 NOWHERE = "redis://127.0.0.1:9/0"  # nothing listens there: building the broker must not touch Redis
 
 
 def _run(script: str, **env: str) -> Any:
-    """Run ``script`` in a fresh interpreter on this checkout and return the JSON it prints."""
-    environ = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_WORKER_")},
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "SANDBOX_WORKER_REDIS_URL": NOWHERE,
-        **env,
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    return run_fresh(script, SANDBOX_WORKER_REDIS_URL=NOWHERE, **env)
 
 
 def test_the_registry_gives_the_strategies_their_names_blocks_and_factories() -> None:

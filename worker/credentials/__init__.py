@@ -13,7 +13,6 @@ without importing a strategy.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,11 +35,9 @@ REGISTRY: dict[str, str] = {
 def strategy_class(name: str) -> type[RegisteredStrategy]:
     """The strategy class registered as ``name`` (importing its module)."""
     from worker.credentials.base import RegisteredStrategy
+    from worker.registry import load_registered
 
-    module_name, _, class_name = REGISTRY[name].partition(":")
-    strategy = getattr(importlib.import_module(module_name), class_name)
-    if not (isinstance(strategy, type) and issubclass(strategy, RegisteredStrategy)) or strategy.name != name:
-        raise TypeError(f"{REGISTRY[name]} is not the RegisteredStrategy registered as {name!r}")
+    strategy: type[RegisteredStrategy] = load_registered(REGISTRY, name, RegisteredStrategy)
     return strategy
 
 

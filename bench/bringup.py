@@ -175,7 +175,7 @@ def main() -> None:
     client = docker.from_env()
     host = args.llm_host or bridge_address(client)
     key = f"sk-bench-not-a-real-key-{secrets.token_hex(4)}"
-    with LLMApiStandIn("text", host=host, port=free_port(host), accepted_keys=[key]) as llm:
+    with LLMApiStandIn("text", host=host, port=free_port(host), accepted=[key]) as llm:
         settings = Settings(
             redis_url=args.redis,
             fernet_key=Fernet.generate_key().decode(),

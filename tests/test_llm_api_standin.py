@@ -144,8 +144,8 @@ def test_responses_tool_scenario_calls_exec_command_then_finishes(api: LLMApi, c
     assert {(r.scheme, r.credential) for r in api.model_requests()} == {("bearer", "sk-o")}
 
 
-def test_accepted_keys_refuse_any_other_key_in_each_apis_shape(api: LLMApi, client: Client) -> None:
-    """With accepted_keys, another key (or none) gets a 401 shaped like the real API's."""
+def test_accepted_refuses_any_other_key_in_each_apis_shape(api: LLMApi, client: Client) -> None:
+    """With `accepted` set, another key (or none) gets a 401 shaped like the real API's."""
     api.accepted = {"good"}
     refused = client.post("/v1/messages", json=anthropic_body("x"), headers={"x-api-key": "bad"})
     assert refused.status_code == 401

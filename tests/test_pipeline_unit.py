@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from pydantic import SecretStr
 
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID
 from providers.fake import FakeProvider, StandInDaemons
 from worker.client import SessionClient
 from worker.config import Settings, get_settings
+from worker.credentials.base import CredentialGrant
 from worker.credentials.broker import CredentialBroker
 from worker.credentials.none import NoCredentials
 from worker.errors import InvalidRequest, ProviderAuthError, ProviderError, ProviderUnavailable
@@ -26,10 +28,12 @@ from worker.models import (
     SessionRequest,
     SessionResult,
     SessionState,
+    Strategy,
     invalid_result,
 )
 from worker.pipeline import Pipeline, ProgressHook, no_progress
 from worker.queueing import send_create
+from worker.redaction import MASK
 from worker.retries import RetryLater
 from worker.store import Store
 
@@ -337,3 +341,33 @@ def test_submit_refuses_a_request_id_another_request_holds(store: Store, provide
     with pytest.raises(InvalidRequest) as raised:
         client.submit(_request(prompt="something else"))
     assert raised.value.field == "request_id"
+
+
+class _KeyGrant:
+    """A strategy handing the agent a key: the hostile case is an agent that echoes it back."""
+
+    name = Strategy("byok")
+
+    def grant(self, request: SessionRequest) -> CredentialGrant:
+        return CredentialGrant(strategy=self.name, env={"ANTHROPIC_API_KEY": SecretStr(LEAKED)})
+
+    def release(self, request: SessionRequest) -> None:
+        return None
+
+
+LEAKED = "sk-ant-echoed-by-the-agent-0123456789"
+
+
+def test_an_agent_echoing_its_key_leaves_it_in_no_result_or_record(store: Store, provider: FakeProvider) -> None:
+    """The stand-in agent repeats its prompt, which holds the session's key: the reply kept in the result and the
+    record is redacted."""
+    broker = CredentialBroker([NoCredentials(), _KeyGrant()])
+    pipeline = Pipeline(_settings(), store, lambda _name: provider, broker)
+    request = {**_request(prompt=f"print {LEAKED}"), "credentials": {"strategy": "byok"}}
+
+    result = pipeline.create(request)
+
+    assert result.state is SessionState.ready and result.reply is not None
+    assert LEAKED not in result.reply and MASK in result.reply
+    record = store.get(result.request_id)
+    assert record is not None and LEAKED not in record.result.model_dump_json()

@@ -13,13 +13,33 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from worker.models import LLMProvider
+from worker.errors import CredentialError
+from worker.models import LLMProvider, SessionRequest
 
 
 class SettingsBlock(BaseModel):
     """A block of the credentials settings: frozen, and unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TenantAllowList(SettingsBlock):
+    """The tenants a strategy that hands out the operator's own credential (``shared``, ``subscription``) serves:
+    none until the operator lists them."""
+
+    tenants: frozenset[str] = Field(
+        frozenset(),
+        description="Tenants allowed to use this strategy (JSON list); empty by default: every tenant not listed "
+        "is refused.",
+    )
+
+    def admit(self, request: SessionRequest, what: str, setting: str) -> None:
+        """Refuse a tenant the operator has not listed, naming it and the setting that would list it."""
+        if request.tenant_id not in self.tenants:
+            raise CredentialError(
+                f"tenant {request.tenant_id} may not use {what} (only the tenants in {setting} may)",
+                field="credentials.strategy",
+            )
 
 
 class ProviderURLs(SettingsBlock):

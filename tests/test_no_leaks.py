@@ -148,7 +148,8 @@ def test_reprs_and_exception_messages_hold_no_secret(
     VaultStore(stack.secret_store()).create(tenant, vault, replace=True)
     texts += [repr(vault), vault.model_dump_json(), str(vault.model_dump())]
     for agent, credentials, _ in SESSIONS:
-        request = SessionRequest(tenant_id=tenant, agent=agent, provider="docker", credentials=credentials)
+        listed = SUBSCRIPTION_TENANT if credentials["strategy"] == "subscription" else tenant
+        request = SessionRequest(tenant_id=listed, agent=agent, provider="docker", credentials=credentials)
         grant = broker.grant(request)
         texts += [repr(grant), str(grant)]
         broker.release(request)

@@ -104,6 +104,12 @@ class EgressSettings(SettingsBlock):
         False, description="Allow vaults whose llm_base_url is plain http (a gateway on a private network)."
     )
     upstream_timeout: float = Field(600.0, gt=0, description="Seconds an upstream call may stay silent.")
+    bind_to_source: bool = Field(
+        True,
+        description="Accept a placeholder only from the private address of the sandbox it was issued to, where the "
+        "provider reports one (Docker). Turn off when the proxy does not see sandboxes' own addresses (NAT, a load "
+        "balancer in between).",
+    )
     placeholder_grace_seconds: int = Field(
         300, ge=0, description="A placeholder outlives its session's ttl by this much if it is never released."
     )

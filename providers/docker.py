@@ -112,8 +112,14 @@ class DockerProvider(Provider):
 
     @staticmethod
     def _sandbox(container: Container) -> Sandbox:
+        networks = (container.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        address = next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), None)
         return Sandbox(
-            provider="docker", sandbox_id=container.id, labels=dict(container.labels), state=container.status
+            provider="docker",
+            sandbox_id=container.id,
+            labels=dict(container.labels),
+            state=container.status,
+            private_address=address,
         )
 
     def start(self, spec: SandboxSpec) -> Sandbox:

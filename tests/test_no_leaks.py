@@ -12,7 +12,7 @@ import pytest
 import redis as redis_lib
 from pydantic import SecretStr
 
-from tests.standins.credentials import CredentialStack, bring_up, fail
+from tests.standins.credentials import SHARED_TENANT, SUBSCRIPTION_TENANT, CredentialStack, bring_up, fail
 from worker.config import get_settings
 from worker.credentials.broker import build_broker, gateway_keys
 from worker.credentials.gateway_clients import GatewayUnavailable
@@ -77,9 +77,8 @@ def test_every_strategy_end_to_end_leaves_no_secret_behind(
     results: list[str] = []
     placeholders: dict[str, str] = {}
     for n, (agent, credentials, provider) in enumerate(SESSIONS):
-        request = stack.request(
-            agent, credentials, tenant="internal-tools" if credentials["strategy"] == "shared" else None
-        )
+        listed = {"shared": SHARED_TENANT, "subscription": SUBSCRIPTION_TENANT}
+        request = stack.request(agent, credentials, tenant=listed.get(credentials["strategy"]))
         if credentials["strategy"] == "byok":
             stack.secret_store().put(request["tenant_id"], "anthropic", SecretStr(stack.values["byok"]))
         if credentials["strategy"] == "vault":
@@ -149,7 +148,8 @@ def test_reprs_and_exception_messages_hold_no_secret(
     VaultStore(stack.secret_store()).create(tenant, vault, replace=True)
     texts += [repr(vault), vault.model_dump_json(), str(vault.model_dump())]
     for agent, credentials, _ in SESSIONS:
-        request = SessionRequest(tenant_id=tenant, agent=agent, provider="docker", credentials=credentials)
+        listed = SUBSCRIPTION_TENANT if credentials["strategy"] == "subscription" else tenant
+        request = SessionRequest(tenant_id=listed, agent=agent, provider="docker", credentials=credentials)
         grant = broker.grant(request)
         texts += [repr(grant), str(grant)]
         broker.release(request)

@@ -15,7 +15,7 @@ import docker
 import pytest
 from pydantic import SecretStr
 
-from tests.standins.credentials import CredentialStack, bridge_address, bring_up
+from tests.standins.credentials import SUBSCRIPTION_TENANT, CredentialStack, bridge_address, bring_up
 from tests.standins.llm_api import LLMApi
 from worker import daemon, pins, runtime
 from worker.credentials.vault import Vault, VaultCredential, VaultStore
@@ -129,7 +129,7 @@ def test_subscription_oauth_token_reaches_the_api_as_claude_code_sends_it(
     """The host's Claude login: the OAuth access token is presented as a bearer token, never as an API key."""
     api = _api(stack)
     api.accepted = {stack.values["claude_access"]}
-    request = _request(stack, "claude", {"strategy": "subscription"}, "say hello")
+    request = _request(stack, "claude", {"strategy": "subscription"}, "say hello", tenant=SUBSCRIPTION_TENANT)
     api.clear()
 
     session = bring_up(session_client, request, timeout=180)

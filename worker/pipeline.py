@@ -296,6 +296,8 @@ class Pipeline:
                 checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
                 slots.enter_context(self.limits.tenant_slot(request, deadline, checkpoint))
                 provider, sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline, slots)
+                if sandbox.private_address:  # before the daemon stage hands the credential to the sandbox
+                    self.credentials.bind(request, grant, sandbox.private_address)
 
             with self._stage(attempt, "daemon"):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)

@@ -3,7 +3,8 @@
 A strategy turns a request into a :class:`CredentialGrant`: environment variables and files for the daemon
 (values as ``SecretStr``) and the values to redact from anything we print. ``release`` undoes whatever the
 grant created for that request (a vault placeholder) when the session ends or its bring-up fails; it is keyed
-by the request, so a worker other than the one that granted can release.
+by the request, so a worker other than the one that granted can release. ``bind`` tells the strategy where the
+sandbox that got the grant lives, once it exists, so a credential that can be tied to it is.
 
 Every strategy of the registry (:mod:`worker.credentials`) subclasses :class:`RegisteredStrategy`: besides
 ``grant`` and ``release``, it names its settings block (``settings_model``) and builds itself from the worker's
@@ -57,6 +58,11 @@ class CredentialStrategy(Protocol):
         """Credentials for this request; raises CredentialError (naming the field) when it cannot."""
         ...
 
+    def bind(self, request: SessionRequest, source: str) -> None:
+        """The sandbox the grant went to is at ``source`` (its private address): restrict the credential to it
+        where the strategy can (the vault's placeholder)."""
+        ...
+
     def release(self, request: SessionRequest) -> None:
         """Undo what ``grant`` created for this request. Idempotent."""
         ...
@@ -78,6 +84,10 @@ class RegisteredStrategy(ABC):
     @abstractmethod
     def grant(self, request: SessionRequest) -> CredentialGrant:
         """Credentials for this request; raises CredentialError (naming the field) when it cannot."""
+
+    def bind(self, request: SessionRequest, source: str) -> None:
+        """Restrict the grant to the sandbox at ``source`` where the strategy can; most hand out a key as is."""
+        return None
 
     @abstractmethod
     def release(self, request: SessionRequest) -> None:

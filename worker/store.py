@@ -37,6 +37,7 @@ from redis.retry import Retry
 
 from worker.errors import ConfigurationError
 from worker.models import ErrorInfo, SessionRequest, SessionResult, SessionState
+from worker.redaction import REDACTOR
 
 if TYPE_CHECKING:
     from worker.config import Settings  # at run time worker.config imports the strategies, which import us
@@ -129,6 +130,9 @@ class Store:
         return SessionRecord.model_validate_json(raw) if raw else None
 
     def put(self, record: SessionRecord) -> None:
+        """Write ``record``. Its result holds what the sandbox sent (a reply, tool calls, session id, errors): it
+        is redacted here, in place, so the record and whatever returns ``record.result`` are masked alike."""
+        record.result = SessionResult.model_validate(REDACTOR.redact_data(record.result.model_dump(mode="json")))
         record.result.updated_at = time.time()
         request_id = record.request.request_id
         expiry = self.retention_seconds if record.result.state in _OVER else None

@@ -66,6 +66,29 @@ def redis_dump(client: redis_lib.Redis) -> str:
     return "\n".join(parts)
 
 
+def provision(stack: CredentialStack, request: dict[str, Any]) -> None:
+    """What the request's strategy reads for its tenant: the byok secret, or the vault."""
+    strategy = request["credentials"]["strategy"]
+    if strategy == "byok":
+        stack.secret_store().put(request["tenant_id"], "anthropic", SecretStr(stack.values["byok"]))
+    if strategy == "vault":
+        vault = Vault(
+            name="anthropic",
+            metadata={"role": "llm", "engine": "claude", "llm_base_url": stack.urls["vault_api"]},
+            credentials=[VaultCredential(name="key", token=SecretStr(stack.values["vault"]))],
+        )
+        VaultStore(stack.secret_store()).create(request["tenant_id"], vault)
+
+
+def placeholder_in(docker_client: docker.DockerClient, sandbox_id: str) -> str | None:
+    """The vault placeholder in the sandbox's process environments, if there is one."""
+    environ = docker_client.containers.get(sandbox_id).exec_run(["sh", "-c", "cat /proc/*/environ"]).output
+    for item in environ.split(b"\0"):
+        if item.startswith(b"ANTHROPIC_API_KEY=swph-"):
+            return item.split(b"=", 1)[1].decode()
+    return None
+
+
 def hits(secrets: dict[str, str], text: str) -> list[str]:
     return sorted(name for name, value in secrets.items() if value and value in text)
 
@@ -84,25 +107,15 @@ def test_every_strategy_end_to_end_leaves_no_secret_behind(
         request = stack.request(
             agent, credentials, tenant="internal-tools" if credentials["strategy"] == "shared" else None
         )
-        if credentials["strategy"] == "byok":
-            stack.secret_store().put(request["tenant_id"], "anthropic", SecretStr(stack.values["byok"]))
-        if credentials["strategy"] == "vault":
-            vault = Vault(
-                name="anthropic",
-                metadata={"role": "llm", "engine": "claude", "llm_base_url": stack.urls["vault_api"]},
-                credentials=[VaultCredential(name="key", token=SecretStr(stack.values["vault"]))],
-            )
-            VaultStore(stack.secret_store()).create(request["tenant_id"], vault)
+        provision(stack, request)
         session = bring_up(session_client, request)
         assert session.agent_entry()["credentialsAvailable"] is True
         if provider:
             llm = session.llm(provider)
             assert llm["status"] == 200, (credentials, llm)
             results.append(json.dumps(llm))
-        environ = docker_client.containers.get(session.result.sandbox_id).exec_run(["sh", "-c", "cat /proc/*/environ"])
-        for item in environ.output.split(b"\0"):
-            if item.startswith(b"ANTHROPIC_API_KEY=swph-"):
-                placeholders[f"placeholder_{n}"] = item.split(b"=", 1)[1].decode()
+        if placeholder := placeholder_in(docker_client, session.result.sandbox_id):
+            placeholders[f"placeholder_{n}"] = placeholder
         results.append(session.result.model_dump_json())
         ended = session_client.terminate(request["request_id"])
         results.append(ended.model_dump_json())
@@ -238,15 +251,7 @@ def test_a_hostile_agent_echoing_its_credentials_leaves_them_nowhere(
     with EventTap(get_settings().broker_url) as events:
         for n, (agent, credentials, prompt) in enumerate(HOSTILE):
             request = stack.request(agent, credentials, prompt=prompt)
-            if credentials["strategy"] == "byok":
-                stack.secret_store().put(request["tenant_id"], "anthropic", SecretStr(stack.values["byok"]))
-            if credentials["strategy"] == "vault":
-                vault = Vault(
-                    name="anthropic",
-                    metadata={"role": "llm", "engine": "claude", "llm_base_url": stack.urls["vault_api"]},
-                    credentials=[VaultCredential(name="key", token=SecretStr(stack.values["vault"]))],
-                )
-                VaultStore(stack.secret_store()).create(request["tenant_id"], vault)
+            provision(stack, request)
             session_client.submit(request)
             result = session_client.wait(request["request_id"], timeout=120)
             results.append(result.model_dump_json())
@@ -259,11 +264,8 @@ def test_a_hostile_agent_echoing_its_credentials_leaves_them_nowhere(
             token = session_client.token(request["request_id"])
             assert token is not None
             secrets[f"daemon_token_{n}"] = token.get_secret_value()
-            container = docker_client.containers.get(result.sandbox_id)
-            environ = container.exec_run(["sh", "-c", "cat /proc/*/environ"]).output
-            for item in environ.split(b"\0"):
-                if item.startswith(b"ANTHROPIC_API_KEY=swph-"):
-                    secrets["placeholder"] = item.split(b"=", 1)[1].decode()
+            if placeholder := placeholder_in(docker_client, result.sandbox_id):
+                secrets["placeholder"] = placeholder
             results.append(session_client.terminate(request["request_id"]).model_dump_json())
         time.sleep(1)  # the last events and log lines
 

@@ -483,7 +483,8 @@ class Pipeline:
                 exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
             raise
         record.result.daemon_url = endpoint.url
-        attempt.mask(list(endpoint.headers.values()))
+        # The edge's tokens (a preview or traffic token); the Host header only names the sandbox.
+        attempt.mask([value for name, value in endpoint.headers.items() if name.lower() != "host"])
         record.daemon_headers = self.store.seal_headers(endpoint.headers)
         return client
 

@@ -13,6 +13,8 @@ settings (``from_settings``), or declines when they do not configure it.
 
 from __future__ import annotations
 
+import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,8 +40,11 @@ class CredentialGrant:
     files: Mapping[str, SecretStr] = field(default_factory=dict)
 
     def secret_values(self) -> list[str]:
-        """Every secret value this grant holds, for redaction."""
+        """Every secret value this grant holds, for redaction: the variables (keys, tokens, a vault's placeholder),
+        the files, and the tokens inside a file (an agent may print one field of its credentials file)."""
         values = [v.get_secret_value() for v in (*self.env.values(), *self.files.values())]
+        for content in self.files.values():
+            values += _tokens_in(content.get_secret_value())
         return [v for v in values if v]
 
     def __repr__(self) -> str:
@@ -47,6 +52,28 @@ class CredentialGrant:
             f"CredentialGrant(strategy={self.strategy.value!r}, env={sorted(self.env)!r}, "
             f"plain_env={sorted(self.plain_env)!r}, files={sorted(self.files)!r})"
         )
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")  # a key, token or JWT; not a date, a word or a URL
+
+
+def _tokens_in(content: str) -> list[str]:
+    """The token-like strings of a JSON credentials file, at any depth."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return []
+    found: list[str] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str) and _TOKEN.fullmatch(item):
+            found.append(item)
+    return found
 
 
 class CredentialStrategy(Protocol):

@@ -72,6 +72,7 @@ from worker.models import (
     invalid_result,
     parse_request,
 )
+from worker.pool import Claimed, Pools, binds_as_is
 from worker.redaction import REDACTOR
 from worker.retries import RetryLater, RetryPolicy
 from worker.store import SessionRecord, Store
@@ -120,6 +121,7 @@ class _Attempt:
     provider: Provider | None = None
     sandbox: Sandbox | None = None
     adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
+    warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
     token: SecretStr | None = None
     grant: CredentialGrant | None = None
     agent: AgentSetup = field(default_factory=AgentSetup)
@@ -149,6 +151,7 @@ class Pipeline:
         self.retries = RetryPolicy.from_settings(settings)
         self.limits = limits or Limits(store.redis, settings.fleet, settings.lease_seconds)
         self.teardown = Teardown(settings, store, providers, credentials, self.limits)
+        self.pools = Pools(settings, store, providers, self.limits)
 
     # -- claim: one record and one lease per request ------------------------------------------------------
     def create(self, payload: Any) -> SessionResult:
@@ -316,6 +319,9 @@ class Pipeline:
         record = attempt.record
         labels = {LABEL_OWNER: self.settings.owner, LABEL_REQUEST_ID: request.request_id}
         found = self.retries.in_stage(lambda: provider.list_owned(labels))
+        known = record.result.sandbox_id
+        if known and all(s.sandbox_id != known for s in found):  # a warm sandbox has its pool's labels, not ours
+            found += [s for s in [self.retries.in_stage(lambda: provider.find(known))] if s is not None]
         token = self.store.token_of(record)
         # The sandbox the record names comes first: the token belongs to it.
         for sandbox in sorted(found, key=lambda s: s.sandbox_id != record.result.sandbox_id):
@@ -354,8 +360,8 @@ class Pipeline:
     ) -> tuple[Provider, Sandbox]:
         """Stage 4, the sandbox the session runs in: the one adopted from a dead attempt, or a new one under the
         provider's caps, failing over to the next provider (:mod:`worker.failover`) when one is down or its
-        breaker open. Holds the provider's bring-up slot in ``slots``. A warm pool plugs in here, handing out a
-        started sandbox instead of starting one."""
+        breaker open, or one claimed from the request's warm pool (:mod:`worker.pool`) when it has a ready one.
+        Holds the provider's bring-up slot in ``slots``."""
         record = attempt.record
         checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
         if attempt.sandbox is not None:
@@ -365,6 +371,9 @@ class Pipeline:
             record.result.sandbox_id = attempt.sandbox.sandbox_id
             self.store.put(record)
             return provider, attempt.sandbox
+        warm = self._claim_warm(request, attempt, provider, deadline, slots)
+        if warm is not None:
+            return provider, warm
         record.result.skipped = []
         failed: SandboxWorkerError | None = None
         for name in failover.candidates(request, self.settings.fleet):
@@ -404,6 +413,38 @@ class Pipeline:
         skipped = ", ".join(f"{s.provider.value} ({s.reason})" for s in record.result.skipped)
         raise ProviderUnavailable(f"no provider to run on: {skipped}", provider=request.provider.value)
 
+    def _claim_warm(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        provider: Provider,
+        deadline: float,
+        slots: contextlib.ExitStack,
+    ) -> Sandbox | None:
+        """A started sandbox from the request's warm pool, under the provider's bring-up cap; None (start cold) when
+        the request has no pool or its pool had nothing alive to give."""
+        target = self.pools.target_for(request)
+        if target is None:
+            return None
+        record = attempt.record
+        checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
+        with contextlib.ExitStack() as held:
+            held.enter_context(self.limits.provider_slot(request, request.provider, deadline, checkpoint))
+            claimed = self.pools.claim(request, target, provider)
+            attempt.timings["pool_claim"] = round(claimed.seconds * 1000, 1) if claimed else 0.0
+            if claimed is None:
+                return None
+            slots.enter_context(held.pop_all())
+        attempt.warm, attempt.sandbox = claimed, claimed.sandbox
+        record.expires_at = time.time() + request.sandbox.ttl_seconds
+        record.result.provider, record.result.sandbox_id, record.result.warm = (
+            request.provider,
+            claimed.sandbox.sandbox_id,
+            True,
+        )
+        self.store.put(record)
+        return claimed.sandbox
+
     def _start_sandbox(
         self,
         request: SessionRequest,
@@ -442,30 +483,21 @@ class Pipeline:
         grant: CredentialGrant,
         environment: SessionEnvironment,
     ) -> daemon.DaemonClient:
-        settings, record, retry = self.settings, attempt.record, self.retries.in_stage
-        if attempt.adopted:
-            # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
-            # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
+        settings, record, retry, warm = self.settings, attempt.record, self.retries.in_stage, attempt.warm
+        # A warm daemon runs with no tenant's anything: used as it is only when the session adds nothing to it.
+        as_is = warm is not None and binds_as_is(request, attempt.agent, grant, environment)
+        if (attempt.adopted or warm is not None) and not as_is:
+            # The sandbox is reused, its daemon is not: it runs with the dead attempt's (or the pool's) environment,
+            # and this session's credentials differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
-        token = attempt.token = daemon.new_token()
+        token = attempt.token = warm.token if warm is not None and as_is else daemon.new_token()
         record.daemon_token = self.store.cipher.encrypt(token)
         self.store.put(record)
-        retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
-        retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
-        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
-        for path, content in files.items():
-            upload = functools.partial(provider.upload, sandbox, f"{HOME}/{path}", content.encode(), mode=0o600)
-            retry(upload)
-        start = functools.partial(
-            daemon.start_daemon,
-            provider,
-            sandbox,
-            token=token,
-            port=settings.daemon_port,
-            cwd=request.session.cwd,
-            env=environment.daemon_env,
-        )
-        retry(start)
+        if warm is None:  # a warm sandbox's daemon and agent were checked and installed when it was filled
+            retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
+            retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
+        if not as_is:
+            self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
         endpoint = retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
@@ -478,6 +510,33 @@ class Pipeline:
         record.result.daemon_url = endpoint.url
         record.daemon_headers = self.store.seal_headers(endpoint.headers)
         return client
+
+    def _launch_daemon(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        provider: Provider,
+        sandbox: Sandbox,
+        grant: CredentialGrant,
+        environment: SessionEnvironment,
+    ) -> None:
+        """The session's files, then its daemon with the session's token, environment and cwd."""
+        retry = self.retries.in_stage
+        assert attempt.token is not None
+        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
+        for path, content in files.items():
+            upload = functools.partial(provider.upload, sandbox, f"{HOME}/{path}", content.encode(), mode=0o600)
+            retry(upload)
+        start = functools.partial(
+            daemon.start_daemon,
+            provider,
+            sandbox,
+            token=attempt.token,
+            port=self.settings.daemon_port,
+            cwd=request.session.cwd,
+            env=environment.daemon_env,
+        )
+        retry(start)
 
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record

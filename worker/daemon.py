@@ -12,7 +12,9 @@ Facts this module relies on (verified against 0.4.2, see docs/architecture.md):
 
 from __future__ import annotations
 
+import functools
 import secrets
+import ssl
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -146,6 +148,13 @@ def daemon_log_tail(provider: Provider, sandbox: Sandbox, lines: int = 15) -> st
 # HTTP client
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context per process: building one (the CA bundle) costs ~100 ms on a busy 2-core machine, and every
+    bring-up and warm claim makes a client."""
+    return httpx.create_ssl_context()
+
+
 class DaemonClient:
     """A small httpx client for one daemon. The token is sent as ``Authorization: Bearer``."""
 
@@ -160,7 +169,12 @@ class DaemonClient:
         self.endpoint = endpoint
         headers = {**endpoint.headers, "Authorization": f"Bearer {token.get_secret_value()}"}
         self.http = httpx.Client(
-            base_url=endpoint.url, headers=headers, timeout=timeout, transport=transport, follow_redirects=False
+            base_url=endpoint.url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
+            verify=_tls(),
         )
 
     def __repr__(self) -> str:

@@ -18,7 +18,8 @@ The pipeline's semaphores, for one request:
 * ``tenant:<tenant_id>`` then ``provider:<provider>`` — bring-ups in progress (sandbox, daemon and session
   stages); the holder is the request id, its lease renewed by the pipeline's heartbeat.
 * ``sandboxes:<provider>`` — live sandboxes (a provider quota); held from the sandbox stage until the session is
-  torn down, with a lease that runs to the sandbox's expiry.
+  torn down, with a lease that runs to the sandbox's expiry. A warm pool's sandbox holds one too (holder
+  ``pool:<entry_id>``), handed to the request that claims it (:meth:`Semaphore.hand_over`).
 """
 
 from __future__ import annotations

@@ -86,8 +86,10 @@ def start_daemon(
     port: int,
     cwd: str,
     env: Mapping[str, SecretStr | str],
+    replace: bool = False,
 ) -> None:
-    """Start ``sandbox-agent server`` from the workspace with the session's environment."""
+    """Start ``sandbox-agent server`` from the workspace with the session's environment. ``replace`` first ends the
+    daemon running there at once, in the same command: only for a daemon no agent runs under yet (a warm pool's)."""
     process_env = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in env.items()}
     process_env.update(
         SANDBOX_AGENT_LOG_STDOUT="1",
@@ -98,6 +100,8 @@ def start_daemon(
         DAEMON_PATH, "server", "--no-telemetry", "--host", "0.0.0.0", "--port", str(port),  # noqa: S104
         f"--token={token.get_secret_value()}",  # "=": a token may start with "-"
     ]  # fmt: skip
+    if replace:
+        argv = ["sh", "-c", _REPLACE_DAEMON, *argv]
     provider.spawn(sandbox, argv, env=process_env, cwd=cwd, log_path=DAEMON_LOG)
 
 
@@ -109,6 +113,17 @@ pids() { for p in /proc/[0-9]*; do
 for pid in $(pids); do kill -TERM "$pid" 2>/dev/null; done
 for _ in $(seq 50); do [ -z "$(pids)" ] && exit 0; sleep 0.1; done
 for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
+"""
+
+
+# Kills the running `sandbox-agent server` (SIGKILL: nothing runs under it to end cleanly), waits until it is gone
+# and the port free, then becomes the new daemon: a warm daemon's restart in one exec, without 0.1 s polls.
+_REPLACE_DAEMON = r"""
+pids() { for p in /proc/[0-9]*; do
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*) echo "${p#/proc/}";; esac; done; }
+for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
+while [ -n "$(pids)" ]; do sleep 0.01; done
+exec "$0" "$@"
 """
 
 

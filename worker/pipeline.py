@@ -486,9 +486,9 @@ class Pipeline:
         settings, record, retry, warm = self.settings, attempt.record, self.retries.in_stage, attempt.warm
         # A warm daemon runs with no tenant's anything: used as it is only when the session adds nothing to it.
         as_is = warm is not None and binds_as_is(request, attempt.agent, grant, environment)
-        if (attempt.adopted or warm is not None) and not as_is:
-            # The sandbox is reused, its daemon is not: it runs with the dead attempt's (or the pool's) environment,
-            # and this session's credentials differ (a vault placeholder is per grant). A restart costs ~50 ms.
+        if attempt.adopted:
+            # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
+            # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
         token = attempt.token = warm.token if warm is not None and as_is else daemon.new_token()
         record.daemon_token = self.store.cipher.encrypt(token)
@@ -496,8 +496,8 @@ class Pipeline:
         if warm is None:  # a warm sandbox's daemon and agent were checked and installed when it was filled
             retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
             retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
-        if not as_is:
-            self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
+        if not as_is:  # a warm daemon is replaced by the session's in the launching command itself
+            self._launch_daemon(request, attempt, provider, sandbox, grant, environment, replace=warm is not None)
         endpoint = retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
@@ -519,6 +519,8 @@ class Pipeline:
         sandbox: Sandbox,
         grant: CredentialGrant,
         environment: SessionEnvironment,
+        *,
+        replace: bool,
     ) -> None:
         """The session's files, then its daemon with the session's token, environment and cwd."""
         retry = self.retries.in_stage
@@ -535,6 +537,7 @@ class Pipeline:
             port=self.settings.daemon_port,
             cwd=request.session.cwd,
             env=environment.daemon_env,
+            replace=replace,
         )
         retry(start)
 

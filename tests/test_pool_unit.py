@@ -109,6 +109,7 @@ def test_a_session_that_adds_nothing_uses_the_pooled_daemon_as_it_is(store: Stor
 
     assert result.state is SessionState.ready and result.warm
     assert provider.calls.count("spawn") == spawns  # no restart
+    assert (result.server_id or "").startswith("sw-pool-")  # the agent the pool spawned and initialized
     record = store.get("warm-as-is")
     token = store.token_of(record) if record is not None else None
     assert token is not None and token.get_secret_value() == pool_token  # the pool's token, handed to this session

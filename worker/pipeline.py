@@ -122,6 +122,7 @@ class _Attempt:
     sandbox: Sandbox | None = None
     adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
     warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
+    warm_server: str | None = None  # the warm pool's initialized agent, when the session uses its daemon as it is
     token: SecretStr | None = None
     grant: CredentialGrant | None = None
     agent: AgentSetup = field(default_factory=AgentSetup)
@@ -496,9 +497,15 @@ class Pipeline:
         if warm is None:  # a warm sandbox's daemon and agent were checked and installed when it was filled
             retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
             retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
-        if not as_is:  # a warm daemon is replaced by the session's in the launching command itself
-            self._launch_daemon(request, attempt, provider, sandbox, grant, environment, replace=warm is not None)
-        endpoint = retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
+        if as_is and warm is not None:
+            attempt.warm_server = warm.entry.server_id
+        if warm is not None and not as_is:
+            self._replace_warm_daemon(request, attempt, warm, grant, environment)
+        elif not as_is:
+            self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
+        endpoint = (
+            warm.endpoint if warm is not None else retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
+        )
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
             client.wait_healthy(settings.health_timeout)
@@ -519,8 +526,6 @@ class Pipeline:
         sandbox: Sandbox,
         grant: CredentialGrant,
         environment: SessionEnvironment,
-        *,
-        replace: bool,
     ) -> None:
         """The session's files, then its daemon with the session's token, environment and cwd."""
         retry = self.retries.in_stage
@@ -537,21 +542,48 @@ class Pipeline:
             port=self.settings.daemon_port,
             cwd=request.session.cwd,
             env=environment.daemon_env,
-            replace=replace,
         )
         retry(start)
 
+    def _replace_warm_daemon(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        warm: Claimed,
+        grant: CredentialGrant,
+        environment: SessionEnvironment,
+    ) -> None:
+        """Bind the session to a warm sandbox: its daemon (no tenant's anything) is replaced by one with the session's
+        token, environment, files and cwd, through the pooled daemon's own API (``daemon.replace_daemon``)."""
+        assert attempt.token is not None
+        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
+        pooled = daemon.DaemonClient(warm.endpoint, warm.token, timeout=self.settings.session_timeout)
+        try:
+            daemon.replace_daemon(
+                pooled,
+                token=attempt.token,
+                port=self.settings.daemon_port,
+                cwd=request.session.cwd,
+                env=environment.daemon_env,
+                files={f"{HOME}/{path}": content.encode() for path, content in files.items()},
+            )
+        finally:
+            pooled.close()
+
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record
-        server_id = f"sw-{request.request_id}-{record.attempts}"
+        server_id = attempt.warm_server or f"sw-{request.request_id}-{record.attempts}"
         acp = attempt.acp = AcpConnection(
             client, server_id, request.agent.value, permissions=request.session.permissions
         )
-        # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
-            checked = background.submit(daemon.check_agent, client, request.agent.value)
-            acp.initialize(timeout=settings.session_timeout)
-            checked.result()
+        if attempt.warm_server:
+            acp.attach()  # checked, spawned and initialized when the pool filled the sandbox
+        else:
+            # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
+                checked = background.submit(daemon.check_agent, client, request.agent.value)
+                acp.initialize(timeout=settings.session_timeout)
+                checked.result()
         if attempt.agent.auth_method:
             acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
         session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)

@@ -43,10 +43,12 @@ import redis
 import structlog
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, Provider, Sandbox, SandboxSpec
+from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, Endpoint, Provider, Sandbox, SandboxSpec
 from worker import daemon, metrics
+from worker.acp import AcpConnection
 from worker.agents import AgentSetup
 from worker.config import PoolTarget, Settings
+from worker.credentials.agents import llm_provider_for
 from worker.credentials.base import CredentialGrant
 from worker.environment import SessionEnvironment
 from worker.limits import Limits
@@ -96,6 +98,7 @@ class PoolEntry(BaseModel):
     sandbox_id: str
     labels: dict[str, str]
     token: str  # Fernet ciphertext of the daemon's token
+    server_id: str | None = None  # an ACP server whose agent is spawned and initialized (agents without an LLM)
     created_at: float
     expires_at: float  # the sandbox's hard lifetime
 
@@ -112,6 +115,7 @@ class Claimed:
 
     entry: PoolEntry
     sandbox: Sandbox
+    endpoint: Endpoint
     token: SecretStr
     seconds: float
 
@@ -189,7 +193,7 @@ class Pools:
                     log.info(
                         "warm sandbox claimed", pool=name, sandbox_id=entry.sandbox_id, ms=round(seconds * 1000, 1)
                     )
-                    return Claimed(entry, claimed[0], claimed[1], seconds)
+                    return Claimed(entry, *claimed, seconds)
                 self.discard(entry, provider)
             metrics.POOL_MISSES.labels(name, miss).inc()
             log.info("warm pool miss: starting cold", pool=name, reason=miss)
@@ -198,7 +202,7 @@ class Pools:
             metrics.POOL_CLAIM_SECONDS.labels(name).observe(time.perf_counter() - started)
             metrics.POOL_SIZE.labels(name).set(self.redis.zcard(keys.ready))
 
-    def _check(self, entry: PoolEntry, provider: Provider) -> tuple[tuple[Sandbox, SecretStr] | None, str]:
+    def _check(self, entry: PoolEntry, provider: Provider) -> tuple[tuple[Sandbox, Endpoint, SecretStr] | None, str]:
         """The entry's sandbox and token when it may be handed out, else why not."""
         if time.time() - entry.created_at > self.config.max_age_seconds:
             return None, "expired"
@@ -209,7 +213,7 @@ class Pools:
             return None, "dead"
         client = daemon.DaemonClient(endpoint, token, timeout=5)
         try:
-            return ((sandbox, token), "") if client.health() else (None, "dead")
+            return ((sandbox, endpoint, token), "") if client.health() else (None, "dead")
         finally:
             client.close()
 
@@ -249,6 +253,16 @@ class Pools:
             if taken and raw:
                 self.discard(PoolEntry.model_validate_json(raw))
                 metrics.POOL_RECYCLED.labels(name).inc()
+                removed += 1
+        return removed
+
+    def drain(self) -> int:
+        """Remove every ready entry of every pool (a benchmark's or a shutdown's clean-up); fills in progress finish."""
+        removed = 0
+        for target in self.config.targets:
+            keys = _Keys.of(pool_name(target))
+            while raw := self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=["drain"]):
+                self.discard(PoolEntry.model_validate_json(raw))
                 removed += 1
         return removed
 
@@ -300,7 +314,7 @@ class Pools:
                 idempotency_key=f"pool-{entry_id}",
             )
             sandbox = provider.start(spec)
-            token = self._start_daemon(target, provider, sandbox)
+            token, server_id = self._start_daemon(target, provider, sandbox, entry_id)
             entry = PoolEntry(
                 entry_id=entry_id,
                 pool=name,
@@ -308,6 +322,7 @@ class Pools:
                 sandbox_id=sandbox.sandbox_id,
                 labels=dict(sandbox.labels),
                 token=self.store.cipher.encrypt(token),
+                server_id=server_id,
                 created_at=now,
                 expires_at=expires,
             )
@@ -329,19 +344,29 @@ class Pools:
         log.info("pooled sandbox ready", pool=name, sandbox_id=sandbox.sandbox_id)
         return 1
 
-    def _start_daemon(self, target: PoolTarget, provider: Provider, sandbox: Sandbox) -> SecretStr:
-        """The daemon of a pooled sandbox: checked, its agent installed, started with no tenant's anything, healthy."""
-        settings = self.settings
+    def _start_daemon(
+        self, target: PoolTarget, provider: Provider, sandbox: Sandbox, entry_id: str
+    ) -> tuple[SecretStr, str | None]:
+        """The daemon of a pooled sandbox: checked, its agent installed, started with no tenant's anything, healthy.
+        An agent that takes no LLM credential (mock) is also spawned and ACP-initialized, on a server handed to the
+        session with the daemon; any other would need its session's environment, so it is spawned after the claim."""
+        settings, agent = self.settings, target.agent.value
         daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
-        daemon.install_agent(provider, sandbox, target.agent.value, settings.daemon_install)
+        daemon.install_agent(provider, sandbox, agent, settings.daemon_install)
         token = daemon.new_token()
         daemon.start_daemon(provider, sandbox, token=token, port=settings.daemon_port, cwd=POOL_CWD, env={})
         client = daemon.DaemonClient(provider.endpoint(sandbox, settings.daemon_port), token)
+        server_id = None
         try:
             client.wait_healthy(settings.health_timeout)
+            daemon.check_agent(client, agent)
+            if llm_provider_for(target.agent, None) is None:
+                server_id = f"sw-pool-{entry_id}"
+                with AcpConnection(client, server_id, agent) as acp:
+                    acp.initialize(timeout=settings.session_timeout)
         finally:
             client.close()
-        return token
+        return token, server_id
 
     # -- what the reaper asks ------------------------------------------------------------------------------
     def claimed_by(self, sandbox: Sandbox) -> str | None:

@@ -123,6 +123,9 @@ def test_a_pooled_sandbox_holds_no_tenant_secret_until_its_claim_binds_it(
     assert result.sandbox_id == container.id[: len(result.sandbox_id)] or container.id.startswith(result.sandbox_id)
     daemon_env = container.exec_run(["sh", "-c", _DAEMON_ENV]).output.decode(errors="replace")
     assert f"ANTHROPIC_API_KEY={shared_key}" in daemon_env and "TEAM=blue" in daemon_env
+    # Bound through the pooled daemon's API: nothing of it written down on the way (its log, the process's record).
+    files = container.exec_run(["grep", "-rsl", "--", shared_key, "/root", "/tmp", "/workspace", "/etc", "/home"])
+    assert files.output.decode().strip() == ""
     runtime.teardown().terminate(request["request_id"])
     wait_for(lambda: not docker_client.containers.list(filters={"id": container.id}), 30, what="sandbox removed")
 

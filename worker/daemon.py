@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import structlog
 from pydantic import SecretStr
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_fixed
 
 from providers.base import Endpoint, Provider, Sandbox, detached_command
 from worker import pins
@@ -126,7 +126,7 @@ def replace_daemon(
     for path, content in files.items():
         response = current.http.put("/v1/fs/file", params={"path": path}, content=content)
         raise_for_problem(response)
-    launcher = detached_command(
+    launcher = "export SW_DAEMON_PID=$PPID && " + detached_command(
         ["setsid", "sh", "-c", _REPLACE_DAEMON, *_server_argv(token, port)], cwd=cwd, log_path=DAEMON_LOG
     )
     if files:  # the file API writes with the default mode; credentials and configs are the agent's alone
@@ -156,13 +156,14 @@ for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Kills the running `sandbox-agent server` (SIGKILL: nothing runs under it to end cleanly), waits until it is gone
-# and the port free, then becomes the new daemon (:func:`replace_daemon`).
+# Run by the running daemon (its process API), so the launcher's parent is that daemon: the launcher passes its pid
+# as SW_DAEMON_PID. Kills it (SIGKILL: nothing runs under it to end cleanly), waits with shell builtins only until it
+# is dead (gone, or a zombie: PID 1 of a container may never reap it), then becomes the new daemon.
 _REPLACE_DAEMON = r"""
-pids() { for p in /proc/[0-9]*; do
-  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*) echo "${p#/proc/}";; esac; done; }
-for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
-while [ -n "$(pids)" ]; do sleep 0.01; done
+pid=$SW_DAEMON_PID; unset SW_DAEMON_PID
+[ "$(readlink "/proc/$pid/exe")" = "$0" ] || { echo "parent $pid is not $0" >&2; exit 1; }
+kill -KILL "$pid"
+while read -r _ _ state _ < "/proc/$pid/stat" 2>/dev/null && [ "$state" != Z ]; do sleep 0.005; done
 exec "$0" "$@"
 """
 
@@ -245,8 +246,9 @@ class DaemonClient:
             return False
         return response.status_code == 200 and response.json().get("status") == "ok"
 
-    def wait_healthy(self, timeout: float) -> float:
-        """Poll ``/v1/health`` until it answers ok; returns the seconds it took."""
+    def wait_healthy(self, timeout: float, *, poll: float | None = None) -> float:
+        """Poll ``/v1/health`` until it answers ok; returns the seconds it took. Backing off from 20 ms, or every
+        ``poll`` seconds where the daemon is known to be up within tens of ms (a warm sandbox's replaced daemon)."""
         started = time.monotonic()
 
         class _NotYet(Exception):
@@ -259,7 +261,7 @@ class DaemonClient:
         try:
             for attempt in Retrying(
                 retry=retry_if_exception_type(_NotYet),
-                wait=wait_exponential(multiplier=0.02, max=0.5),
+                wait=wait_fixed(poll) if poll else wait_exponential(multiplier=0.02, max=0.5),
                 stop=stop_after_delay(timeout),
                 reraise=True,
             ):

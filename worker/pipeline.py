@@ -80,6 +80,8 @@ from worker.teardown import Teardown
 
 log = structlog.get_logger(__name__)
 
+WARM_HEALTH_POLL = 0.01  # s between health probes of a warm sandbox's daemon: it is up in tens of ms
+
 
 class ProgressHook(Protocol):
     def __call__(self, stage: str, result: SessionResult) -> None: ...
@@ -508,7 +510,7 @@ class Pipeline:
         )
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
-            client.wait_healthy(settings.health_timeout)
+            client.wait_healthy(settings.health_timeout, poll=WARM_HEALTH_POLL if warm is not None else None)
         except SandboxWorkerError as exc:
             tail = REDACTOR.redact(daemon.daemon_log_tail(provider, sandbox))
             if tail:

@@ -487,24 +487,23 @@ class Pipeline:
         environment: SessionEnvironment,
     ) -> daemon.DaemonClient:
         settings, record, retry, warm = self.settings, attempt.record, self.retries.in_stage, attempt.warm
-        # A warm daemon runs with no tenant's anything: used as it is only when the session adds nothing to it.
-        as_is = warm is not None and binds_as_is(request, attempt.agent, grant, environment)
         if attempt.adopted:
             # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
             # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
+        # A warm daemon runs with no tenant's anything: used as it is only when the session adds nothing to it.
+        as_is = warm is not None and binds_as_is(request, attempt.agent, grant, environment)
         token = attempt.token = warm.token if warm is not None and as_is else daemon.new_token()
         record.daemon_token = self.store.cipher.encrypt(token)
         self.store.put(record)
-        if warm is None:  # a warm sandbox's daemon and agent were checked and installed when it was filled
+        if warm is None:
             retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
             retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
-        if as_is and warm is not None:
-            attempt.warm_server = warm.entry.server_id
-        if warm is not None and not as_is:
-            self._replace_warm_daemon(request, attempt, warm, grant, environment)
-        elif not as_is:
             self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
+        elif as_is:
+            attempt.warm_server = warm.entry.server_id  # its agent too, spawned and initialized when it was filled
+        else:  # its daemon and agent were checked and installed when it was filled
+            self._replace_warm_daemon(request, attempt, warm, grant, environment)
         endpoint = (
             warm.endpoint if warm is not None else retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         )
@@ -532,10 +531,8 @@ class Pipeline:
         """The session's files, then its daemon with the session's token, environment and cwd."""
         retry = self.retries.in_stage
         assert attempt.token is not None
-        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
-        for path, content in files.items():
-            upload = functools.partial(provider.upload, sandbox, f"{HOME}/{path}", content.encode(), mode=0o600)
-            retry(upload)
+        for path, content in self._session_files(attempt, grant).items():
+            retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))
         start = functools.partial(
             daemon.start_daemon,
             provider,
@@ -558,7 +555,6 @@ class Pipeline:
         """Bind the session to a warm sandbox: its daemon (no tenant's anything) is replaced by one with the session's
         token, environment, files and cwd, through the pooled daemon's own API (``daemon.replace_daemon``)."""
         assert attempt.token is not None
-        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
         pooled = daemon.DaemonClient(warm.endpoint, warm.token, timeout=self.settings.session_timeout)
         try:
             daemon.replace_daemon(
@@ -567,10 +563,16 @@ class Pipeline:
                 port=self.settings.daemon_port,
                 cwd=request.session.cwd,
                 env=environment.daemon_env,
-                files={f"{HOME}/{path}": content.encode() for path, content in files.items()},
+                files=self._session_files(attempt, grant),
             )
         finally:
             pooled.close()
+
+    @staticmethod
+    def _session_files(attempt: _Attempt, grant: CredentialGrant) -> dict[str, bytes]:
+        """The agent's config files and the grant's credential files, by absolute path in the sandbox."""
+        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
+        return {f"{HOME}/{path}": content.encode() for path, content in files.items()}
 
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record

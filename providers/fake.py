@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -59,12 +60,15 @@ class StandInDaemons:
     def __init__(self) -> None:
         self.tokens: dict[str, str] = {}  # sandbox id -> token of its running daemon
         self.env: dict[str, dict[str, str]] = {}
+        self.files: dict[str, dict[str, bytes]] = {}  # written through the daemon's file API
         self._servers: dict[tuple[str, str], _Server] = {}
         app = Starlette(
             routes=[
                 Route("/d/{sandbox}/v1/health", self._health),
                 Route("/d/{sandbox}/v1/agents/{agent}", self._agents),
                 Route("/d/{sandbox}/v1/acp/{server}", self._acp, methods=["GET", "POST"]),
+                Route("/d/{sandbox}/v1/fs/file", self._put_file, methods=["PUT"]),
+                Route("/d/{sandbox}/v1/processes/run", self._run, methods=["POST"]),
             ]
         )
         with socket.socket() as sock:
@@ -101,6 +105,24 @@ class StandInDaemons:
             return JSONResponse({"type": "urn:sandbox-agent:error:token_invalid"}, status_code=401)
         agent = request.path_params["agent"]
         return JSONResponse({"id": agent, "installed": agent == "mock", "version": "builtin"})
+
+    async def _put_file(self, request: Request) -> Response:
+        if not self._authorised(request):
+            return JSONResponse({"type": "urn:sandbox-agent:error:token_invalid"}, status_code=401)
+        data = await request.body()
+        self.files.setdefault(request.path_params["sandbox"], {})[request.query_params["path"]] = data
+        return JSONResponse({"path": request.query_params["path"], "bytesWritten": len(data)})
+
+    async def _run(self, request: Request) -> Response:
+        """A command run by the daemon: one that starts a daemon (``--token=``) replaces this one, as in a sandbox."""
+        if not self._authorised(request):
+            return JSONResponse({"type": "urn:sandbox-agent:error:token_invalid"}, status_code=401)
+        body = await request.json()
+        started = re.search(r"--token=([A-Za-z0-9_-]+)", " ".join(body.get("args", [])))
+        if started:
+            sandbox = request.path_params["sandbox"]
+            self.tokens[sandbox], self.env[sandbox] = started.group(1), dict(body.get("env") or {})
+        return JSONResponse({"exitCode": 0, "timedOut": False, "stdout": "", "stderr": ""})
 
     async def _acp(self, request: Request) -> Response:
         if not self._authorised(request):

@@ -19,12 +19,20 @@ from worker import runtime
 from worker.config import get_settings
 from worker.errors import SandboxWorkerError
 from worker.logs import configure_logging
+from worker.pool import RefillThread
 from worker.redaction import REDACTOR, redact_handlers
+
+_refill: list[RefillThread] = []
 
 
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
     configure_logging(get_settings().log_format)
+    # Every process of every worker refills the warm pools (a per-pool lock keeps them from overfilling): no leader
+    # whose death empties them.
+    thread = runtime.start_pool_refill()
+    if thread is not None:
+        _refill.append(thread)
 
 
 @after_setup_logger.connect
@@ -35,6 +43,8 @@ def _redact_main_process(**_: Any) -> None:
 
 @worker_process_shutdown.connect
 def _close_process(**_: Any) -> None:
+    for thread in _refill:
+        thread.stop()
     runtime.close()
 
 

@@ -153,6 +153,14 @@ class AcpConnection:
         self._reader.start()
         return result
 
+    def attach(self, requests_before: int = 1) -> None:
+        """Drive a server another connection created and initialized (a warm pool's agent) instead of
+        :meth:`initialize`: read its stream, and number this connection's requests after the ``requests_before`` that
+        connection sent, so a replayed old reply is never taken for a new one."""
+        self._ids = itertools.count(requests_before + 1)
+        self._reader = threading.Thread(target=self._read_events, name=f"acp-sse-{self.server_id}", daemon=True)
+        self._reader.start()
+
     def new_session(self, cwd: str, timeout: float) -> str:
         result = self.request("session/new", {"cwd": cwd, "mcpServers": []}, timeout=timeout)
         session_id = result.get("sessionId")

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import config_models
@@ -21,7 +21,7 @@ from providers.base import ProviderConfig
 from worker import credentials, pins
 from worker.credentials.settings import EgressSettings, ProviderURLs, SettingsBlock
 from worker.fleet import FleetConfig
-from worker.models import InstallMode, ProviderName, Strategy
+from worker.models import Agent, InstallMode, ProviderName, Strategy
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_OWNER = "sandbox-worker"  # shared by every fleet that keeps it: the reaper does not trust it alone
@@ -62,6 +62,47 @@ class CredentialsSettings(SettingsBlock):
         if not isinstance(block, model):
             raise TypeError(f"the settings of strategy {name} are a {type(block).__name__}, not a {model.__name__}")
         return block
+
+
+class PoolTarget(BaseModel):
+    """One warm pool: sandboxes of ``provider`` started from ``image`` with a healthy daemon, for ``agent``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: ProviderName
+    agent: Agent
+    image: str | None = Field(None, description="The image, template or snapshot; the provider's default when unset.")
+    size: int = Field(ge=0, le=200, description="Sandboxes kept ready.")
+
+
+class PoolSettings(BaseModel):
+    """The ``SANDBOX_WORKER_POOL__*`` block: warm pools (worker/pool.py, docs/operations.md). Off without targets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[PoolTarget] = Field(
+        default_factory=list,
+        description='Pools to keep filled, a JSON list: [{"provider": "docker", "agent": "mock", "size": 4}] '
+        "(image optional). Every worker refills them; any worker claims from them.",
+    )
+    max_age_seconds: int = Field(
+        1800, gt=0, description="A ready sandbox older than this is never handed out: it is removed and replaced."
+    )
+    session_ttl_seconds: int = Field(
+        3600,
+        gt=0,
+        description="The longest session ttl a warm sandbox serves (its hard lifetime is this plus max_age_seconds); "
+        "a request asking for more starts cold.",
+    )
+    refill_interval_seconds: float = Field(
+        2.0, gt=0, description="Seconds between two refill passes of a worker process's refill thread."
+    )
+    fill_timeout_seconds: int = Field(
+        300,
+        gt=0,
+        description="How long a fill in progress counts towards its pool; after that it is taken for dead (its "
+        "worker died) and its sandbox is the reaper's.",
+    )
 
 
 @_with_blocks(config_models(), "provider")
@@ -121,6 +162,7 @@ class Settings(BaseSettings):
         default_factory=lambda: [ProviderName("docker")], description="Providers the reaper sweeps (JSON list)."
     )
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
     credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
 
     def provider_config(self, name: str) -> ProviderConfig:

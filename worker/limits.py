@@ -18,7 +18,8 @@ The pipeline's semaphores, for one request:
 * ``tenant:<tenant_id>`` then ``provider:<provider>`` — bring-ups in progress (sandbox, daemon and session
   stages); the holder is the request id, its lease renewed by the pipeline's heartbeat.
 * ``sandboxes:<provider>`` — live sandboxes (a provider quota); held from the sandbox stage until the session is
-  torn down, with a lease that runs to the sandbox's expiry.
+  torn down, with a lease that runs to the sandbox's expiry. A warm pool's sandbox holds one too (holder
+  ``pool:<entry_id>``), handed to the request that claims it (:meth:`Semaphore.hand_over`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ return 0
 )
 
 
+# KEYS: holders, peak. ARGV: old holder, new holder, lease_ms. Moves a slot to another holder in one step, so a
+# warm sandbox's quota slot passes from its pool entry to the request that claimed it without a gap.
+_HAND_OVER = (
+    _NOW
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+local held = redis.call('ZCARD', KEYS[1])
+if held > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], held) end
+return 1
+"""
+)
+
+
 class Semaphore:
     """A counting semaphore of ``limit`` slots named ``name``, shared by every client of one Redis."""
 
@@ -99,6 +114,7 @@ class Semaphore:
         self._keys = [self._holders, self._line, self._alive, f"{base}tickets", f"{base}peak"]
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
+        self._hand_over = client.register_script(_HAND_OVER)
 
     def __repr__(self) -> str:
         return f"Semaphore({self.name!r}, limit={self.limit})"
@@ -135,6 +151,18 @@ class Semaphore:
     def renew(self, holder: str, lease_seconds: float) -> bool:
         """Extend ``holder``'s lease; False when it had already run out (the slot may be someone else's now)."""
         return bool(self._renew(keys=[self._holders], args=[holder, int(lease_seconds * 1000)]))
+
+    def try_take(self, holder: str, lease_seconds: float) -> bool:
+        """Take a slot only if one is free without waiting; never keeps a place in line (a background job must not
+        hold up the requests waiting)."""
+        if self.try_acquire(holder, lease_seconds):
+            return True
+        self.leave_line(holder)
+        return False
+
+    def hand_over(self, holder: str, to: str, lease_seconds: float) -> None:
+        """Give ``holder``'s slot to ``to`` in one step."""
+        self._hand_over(keys=[self._holders, self._keys[4]], args=[holder, to, int(lease_seconds * 1000)])
 
     def release(self, holder: str) -> None:
         pipe = self.redis.pipeline()
@@ -248,6 +276,18 @@ class Limits:
         if quota is not None:
             lease = max(until - time.time(), self.lease_seconds)
             quota.acquire(request.request_id, lease_seconds=lease, deadline=deadline, checkpoint=checkpoint)
+
+    def reserve_pool_sandbox(self, provider: ProviderName, holder: str, until: float) -> bool:
+        """A live-sandbox slot of ``provider``'s quota for a warm pool entry, only if one is free now: a pool counts
+        against the quota but never waits for it, nor makes a request wait behind it."""
+        quota = self._quota(provider)
+        return quota is None or quota.try_take(holder, max(until - time.time(), self.lease_seconds))
+
+    def hand_over_sandbox(self, provider: ProviderName, holder: str, request: SessionRequest, until: float) -> None:
+        """The live-sandbox slot a pool entry ``holder`` held becomes ``request``'s (it claimed the sandbox)."""
+        quota = self._quota(provider)
+        if quota is not None:
+            quota.hand_over(holder, request.request_id, max(until - time.time(), self.lease_seconds))
 
     def release_sandbox(self, provider: ProviderName, request_id: str) -> None:
         quota = self._quota(provider)

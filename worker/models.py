@@ -288,6 +288,9 @@ class SessionResult(_Strict):
         default_factory=list, description="The tool calls of the first prompt's turn (their titles), in order."
     )
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    warm: bool = Field(
+        False, description="The sandbox came ready from a warm pool (timings_ms.pool_claim: the claim's latency)."
+    )
     error: ErrorInfo | None = None
     updated_at: float = Field(default_factory=time.time)
     skipped: list[SkippedProvider] = Field(

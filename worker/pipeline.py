@@ -72,12 +72,15 @@ from worker.models import (
     invalid_result,
     parse_request,
 )
+from worker.pool import Claimed, Pools, binds_as_is
 from worker.redaction import REDACTOR
 from worker.retries import RetryLater, RetryPolicy
 from worker.store import SessionRecord, Store
 from worker.teardown import Teardown
 
 log = structlog.get_logger(__name__)
+
+WARM_HEALTH_POLL = 0.01  # s between health probes of a warm sandbox's daemon: it is up in tens of ms
 
 
 class ProgressHook(Protocol):
@@ -120,6 +123,8 @@ class _Attempt:
     provider: Provider | None = None
     sandbox: Sandbox | None = None
     adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
+    warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
+    warm_server: str | None = None  # the warm pool's initialized agent, when the session uses its daemon as it is
     token: SecretStr | None = None
     grant: CredentialGrant | None = None
     agent: AgentSetup = field(default_factory=AgentSetup)
@@ -156,6 +161,7 @@ class Pipeline:
         self.retries = RetryPolicy.from_settings(settings)
         self.limits = limits or Limits(store.redis, settings.fleet, settings.lease_seconds)
         self.teardown = Teardown(settings, store, providers, credentials, self.limits)
+        self.pools = Pools(settings, store, providers, self.limits)
 
     # -- claim: one record and one lease per request ------------------------------------------------------
     def create(self, payload: Any) -> SessionResult:
@@ -324,6 +330,9 @@ class Pipeline:
         record = attempt.record
         labels = {LABEL_OWNER: self.settings.owner, LABEL_REQUEST_ID: request.request_id}
         found = self.retries.in_stage(lambda: provider.list_owned(labels))
+        known = record.result.sandbox_id
+        if known and all(s.sandbox_id != known for s in found):  # a warm sandbox has its pool's labels, not ours
+            found += [s for s in [self.retries.in_stage(lambda: provider.find(known))] if s is not None]
         token = self.store.token_of(record)
         # The sandbox the record names comes first: the token belongs to it.
         for sandbox in sorted(found, key=lambda s: s.sandbox_id != record.result.sandbox_id):
@@ -362,8 +371,8 @@ class Pipeline:
     ) -> tuple[Provider, Sandbox]:
         """Stage 4, the sandbox the session runs in: the one adopted from a dead attempt, or a new one under the
         provider's caps, failing over to the next provider (:mod:`worker.failover`) when one is down or its
-        breaker open. Holds the provider's bring-up slot in ``slots``. A warm pool plugs in here, handing out a
-        started sandbox instead of starting one."""
+        breaker open, or one claimed from the request's warm pool (:mod:`worker.pool`) when it has a ready one.
+        Holds the provider's bring-up slot in ``slots``."""
         record = attempt.record
         checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
         if attempt.sandbox is not None:
@@ -373,6 +382,9 @@ class Pipeline:
             record.result.sandbox_id = attempt.sandbox.sandbox_id
             self.store.put(record)
             return provider, attempt.sandbox
+        warm = self._claim_warm(request, attempt, provider, deadline, slots)
+        if warm is not None:
+            return provider, warm
         record.result.skipped = []
         failed: SandboxWorkerError | None = None
         for name in failover.candidates(request, self.settings.fleet):
@@ -412,6 +424,38 @@ class Pipeline:
         skipped = ", ".join(f"{s.provider.value} ({s.reason})" for s in record.result.skipped)
         raise ProviderUnavailable(f"no provider to run on: {skipped}", provider=request.provider.value)
 
+    def _claim_warm(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        provider: Provider,
+        deadline: float,
+        slots: contextlib.ExitStack,
+    ) -> Sandbox | None:
+        """A started sandbox from the request's warm pool, under the provider's bring-up cap; None (start cold) when
+        the request has no pool or its pool had nothing alive to give."""
+        target = self.pools.target_for(request)
+        if target is None:
+            return None
+        record = attempt.record
+        checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
+        with contextlib.ExitStack() as held:
+            held.enter_context(self.limits.provider_slot(request, request.provider, deadline, checkpoint))
+            claimed = self.pools.claim(request, target, provider)
+            attempt.timings["pool_claim"] = round(claimed.seconds * 1000, 1) if claimed else 0.0
+            if claimed is None:
+                return None
+            slots.enter_context(held.pop_all())
+        attempt.warm, attempt.sandbox = claimed, claimed.sandbox
+        record.expires_at = time.time() + request.sandbox.ttl_seconds
+        record.result.provider, record.result.sandbox_id, record.result.warm = (
+            request.provider,
+            claimed.sandbox.sandbox_id,
+            True,
+        )
+        self.store.put(record)
+        return claimed.sandbox
+
     def _start_sandbox(
         self,
         request: SessionRequest,
@@ -450,35 +494,31 @@ class Pipeline:
         grant: CredentialGrant,
         environment: SessionEnvironment,
     ) -> daemon.DaemonClient:
-        settings, record, retry = self.settings, attempt.record, self.retries.in_stage
+        settings, record, retry, warm = self.settings, attempt.record, self.retries.in_stage, attempt.warm
         if attempt.adopted:
             # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
             # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
-        token = attempt.token = daemon.new_token()
+        # A warm daemon runs with no tenant's anything: used as it is only when the session adds nothing to it.
+        as_is = warm is not None and binds_as_is(request, attempt.agent, grant, environment)
+        token = attempt.token = warm.token if warm is not None and as_is else daemon.new_token()
         attempt.mask([token.get_secret_value()])
         record.daemon_token = self.store.cipher.encrypt(token)
         self.store.put(record)
-        retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
-        retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
-        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
-        for path, content in files.items():
-            upload = functools.partial(provider.upload, sandbox, f"{HOME}/{path}", content.encode(), mode=0o600)
-            retry(upload)
-        start = functools.partial(
-            daemon.start_daemon,
-            provider,
-            sandbox,
-            token=token,
-            port=settings.daemon_port,
-            cwd=request.session.cwd,
-            env=environment.daemon_env,
+        if warm is None:
+            retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
+            retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
+            self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
+        elif as_is:
+            attempt.warm_server = warm.entry.server_id  # its agent too, spawned and initialized when it was filled
+        else:  # its daemon and agent were checked and installed when it was filled
+            self._replace_warm_daemon(request, attempt, warm, grant, environment)
+        endpoint = (
+            warm.endpoint if warm is not None else retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         )
-        retry(start)
-        endpoint = retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
-            client.wait_healthy(settings.health_timeout)
+            client.wait_healthy(settings.health_timeout, poll=WARM_HEALTH_POLL if warm is not None else None)
         except SandboxWorkerError as exc:
             tail = REDACTOR.redact(daemon.daemon_log_tail(provider, sandbox))
             if tail:
@@ -490,17 +530,75 @@ class Pipeline:
         record.daemon_headers = self.store.seal_headers(endpoint.headers)
         return client
 
+    def _launch_daemon(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        provider: Provider,
+        sandbox: Sandbox,
+        grant: CredentialGrant,
+        environment: SessionEnvironment,
+    ) -> None:
+        """The session's files, then its daemon with the session's token, environment and cwd."""
+        retry = self.retries.in_stage
+        assert attempt.token is not None
+        for path, content in self._session_files(attempt, grant).items():
+            retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))
+        start = functools.partial(
+            daemon.start_daemon,
+            provider,
+            sandbox,
+            token=attempt.token,
+            port=self.settings.daemon_port,
+            cwd=request.session.cwd,
+            env=environment.daemon_env,
+        )
+        retry(start)
+
+    def _replace_warm_daemon(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        warm: Claimed,
+        grant: CredentialGrant,
+        environment: SessionEnvironment,
+    ) -> None:
+        """Bind the session to a warm sandbox: its daemon (no tenant's anything) is replaced by one with the session's
+        token, environment, files and cwd, through the pooled daemon's own API (``daemon.replace_daemon``)."""
+        assert attempt.token is not None
+        pooled = daemon.DaemonClient(warm.endpoint, warm.token, timeout=self.settings.session_timeout)
+        try:
+            daemon.replace_daemon(
+                pooled,
+                token=attempt.token,
+                port=self.settings.daemon_port,
+                cwd=request.session.cwd,
+                env=environment.daemon_env,
+                files=self._session_files(attempt, grant),
+            )
+        finally:
+            pooled.close()
+
+    @staticmethod
+    def _session_files(attempt: _Attempt, grant: CredentialGrant) -> dict[str, bytes]:
+        """The agent's config files and the grant's credential files, by absolute path in the sandbox."""
+        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
+        return {f"{HOME}/{path}": content.encode() for path, content in files.items()}
+
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record
-        server_id = f"sw-{request.request_id}-{record.attempts}"
+        server_id = attempt.warm_server or f"sw-{request.request_id}-{record.attempts}"
         acp = attempt.acp = AcpConnection(
             client, server_id, request.agent.value, permissions=request.session.permissions
         )
-        # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
-            checked = background.submit(daemon.check_agent, client, request.agent.value)
-            acp.initialize(timeout=settings.session_timeout)
-            checked.result()
+        if attempt.warm_server:
+            acp.attach()  # checked, spawned and initialized when the pool filled the sandbox
+        else:
+            # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
+                checked = background.submit(daemon.check_agent, client, request.agent.value)
+                acp.initialize(timeout=settings.session_timeout)
+                checked.result()
         if attempt.agent.auth_method:
             acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
         session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)

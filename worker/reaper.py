@@ -10,6 +10,11 @@ Provider-agnostic. One pass (:meth:`Reaper.run`):
      period, or when its record is ready with another sandbox (a stray from an earlier attempt);
    * terminated through the pipeline (its session with it) when it is past its ttl.
 
+   A warm pool's sandbox (:mod:`worker.pool`) carries no request label: once claimed, its request is the one the
+   pool noted, and it is judged as that request's. Unclaimed, it is left alone while ready or while its fill is in
+   progress, and removed otherwise (its fill's worker died, or its entry is gone from Redis); ready entries past
+   the pool's max age are recycled at the start of the pass.
+
 2. **Ready sessions whose sandbox vanished** (removed behind the worker's back, killed by its provider): the
    record ends ``failed`` with ``sandbox_gone``, its credentials are released (a vault placeholder dies with
    its sandbox) and its quota slot freed. A ready record whose sandbox is missing from its provider's listing is
@@ -37,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
@@ -47,6 +52,7 @@ from worker.config import DEFAULT_OWNER, Settings
 from worker.errors import SandboxGone, SandboxWorkerError
 from worker.limits import Limits
 from worker.models import ProviderName, SessionRequest, SessionState
+from worker.pool import LABEL_POOL, LABEL_POOL_ENTRY, Pools, slot_holder
 from worker.store import SessionRecord, Store
 
 log = structlog.get_logger(__name__)
@@ -81,6 +87,10 @@ class Reaper:
     terminate: Callable[..., Any]  # worker.teardown.Teardown.terminate
     requeue: Callable[[SessionRequest], None]  # back on the request's provider queue
     limits: Limits
+    pools: Pools = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pools = Pools(self.settings, self.store, self.providers, self.limits)
 
     def refusal(self) -> str | None:
         """Why the reaper must not act, or None when it has a fleet identity it can trust."""
@@ -97,6 +107,8 @@ class Reaper:
         if (why := self.refusal()) is not None:
             log.warning("reaper refused", reason=why)
             return []
+        if not dry_run:
+            self.pools.recycle_all()
         now = time.time()
         plan: list[Reaped] = []
         listed = self._list()
@@ -104,7 +116,13 @@ class Reaper:
             plan += [verdict for sandbox in sandboxes if (verdict := self._judge_sandbox(sandbox, now))]
         plan += self._judge_records(now, {r.request_id for r in plan if r.action == "terminate"})
         plan += self._judge_vanished(listed, {r.request_id for r in plan})
-        return plan if dry_run else [self._apply(item) for item in plan]
+        if dry_run:
+            return plan
+        if len(listed) == len(
+            self.settings.providers
+        ):  # a complete listing: claim notes of sandboxes not in it are stale
+            self.pools.forget_claims({s.sandbox_id for sandboxes in listed.values() for s in sandboxes}, now)
+        return [self._apply(item) for item in plan]
 
     def end_vanished(self, *, dry_run: bool = False) -> list[Reaped]:
         """Only step 2 of a pass: the ready sessions whose sandbox is gone."""
@@ -123,15 +141,28 @@ class Reaper:
 
     # -- deciding ---------------------------------------------------------------------------------------
     def _judge_sandbox(self, sandbox: Sandbox, now: float) -> Reaped | None:
-        request_id = sandbox.labels.get(LABEL_REQUEST_ID)
-        if sandbox.labels.get(LABEL_OWNER) != self.settings.owner or not request_id:
+        if sandbox.labels.get(LABEL_OWNER) != self.settings.owner:
             return None  # not provably ours
+        request_id = sandbox.labels.get(LABEL_REQUEST_ID) or self.pools.claimed_by(sandbox)
+        if not request_id:
+            return self._judge_pooled(sandbox)
         if self.store.lease_holder(request_id) is not None:
             return None  # a bring-up is working on it
         verdict = self._sandbox_verdict(sandbox, self.store.get(request_id), now)
         if verdict is None:
             return None
         return Reaped(verdict[0], verdict[1], request_id, sandbox.provider, sandbox.sandbox_id)
+
+    def _judge_pooled(self, sandbox: Sandbox) -> Reaped | None:
+        """An unclaimed warm pool sandbox: removed (its quota slot freed) once it is no longer its pool's."""
+        entry_id = sandbox.labels.get(LABEL_POOL_ENTRY)
+        if not entry_id or not sandbox.labels.get(LABEL_POOL) or self.pools.in_use(sandbox):
+            return None
+        if self.settings.owner == DEFAULT_OWNER:  # trusted by the marker alone: not what predates it
+            since, created = self.store.fleet_since(), _label_time(sandbox, LABEL_CREATED_AT)
+            if since is None or created is None or created < since:
+                return None
+        return Reaped("remove", "pool entry gone", slot_holder(entry_id), sandbox.provider, sandbox.sandbox_id)
 
     def _sandbox_verdict(self, sandbox: Sandbox, record: SessionRecord | None, now: float) -> tuple[Action, str] | None:
         """What to do with an owned sandbox no bring-up is working on, given its request's record."""

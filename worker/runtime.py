@@ -9,8 +9,10 @@ from providers import load_provider
 from providers.base import Provider
 from worker.config import Settings, get_settings
 from worker.credentials.broker import CredentialBroker, build_broker
+from worker.limits import Limits
 from worker.models import ProviderName
 from worker.pipeline import Pipeline, ProgressHook, no_progress
+from worker.pool import Pools, RefillThread
 from worker.store import Store
 from worker.teardown import Teardown
 
@@ -44,6 +46,25 @@ def pipeline(progress: ProgressHook = no_progress) -> Pipeline:
 def teardown() -> Teardown:
     """Ending sessions (terminate, the reaper), without a bring-up's progress hook."""
     return pipeline().teardown
+
+
+def start_pool_refill() -> RefillThread | None:
+    """This process's refill thread for the warm pools of the settings (None when there are none). It gets drivers of
+    its own: a driver is used by one thread at a time, and the bring-ups use this process's."""
+    settings = get_settings()
+    if not settings.pool.targets:
+        return None
+    drivers: dict[ProviderName, Provider] = {}
+
+    def own_provider(name: ProviderName) -> Provider:
+        if name not in drivers:
+            drivers[name] = load_provider(name.value, settings.provider_config(name))
+        return drivers[name]
+
+    limits = Limits(store().redis, settings.fleet, settings.lease_seconds)
+    thread = RefillThread(Pools(settings, store(), own_provider, limits))
+    thread.start()
+    return thread
 
 
 def close() -> None:

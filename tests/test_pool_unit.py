@@ -1,0 +1,230 @@
+"""Warm pools on the fake provider and an in-memory Redis: a claim hands out a pooled sandbox and binds the session to
+it, an empty pool falls back to a cold start, entries past their max age are recycled and never handed out, pools
+count against the sandbox quota, and the reaper neither kills live entries nor leaks orphaned ones."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from providers.fake import FakeProvider, StandInDaemons
+from worker.config import PoolSettings, PoolTarget, Settings, get_settings
+from worker.credentials.broker import CredentialBroker
+from worker.credentials.none import NoCredentials
+from worker.limits import Limits, Semaphore
+from worker.models import ProviderName, SessionRequest, SessionState
+from worker.pipeline import Pipeline
+from worker.pool import LABEL_POOL_ENTRY, Pools, pool_name
+from worker.reaper import Reaper
+from worker.store import Store
+
+pytest_plugins = ["tests.standins.fake_fixtures"]
+
+DOCKER = ProviderName("docker")
+TARGET = PoolTarget(provider=DOCKER, agent="mock", size=2)  # type: ignore[arg-type]
+
+
+class _FakeDocker(FakeProvider):
+    """The fake under the name of the provider the pools and the reaper are configured for."""
+
+    name = "docker"
+
+
+@pytest.fixture
+def provider(daemons: StandInDaemons) -> FakeProvider:
+    return _FakeDocker(daemons=daemons)
+
+
+def _settings(size: int = 2, **fleet: Any) -> Settings:
+    settings = get_settings()
+    pool = PoolSettings(targets=[TARGET.model_copy(update={"size": size})], max_age_seconds=600)
+    return settings.model_copy(
+        update={"pool": pool, "fleet": settings.fleet.model_copy(update=fleet), "owner": "pool-unit"}
+    )
+
+
+def _pipeline(store: Store, provider: FakeProvider, settings: Settings) -> Pipeline:
+    return Pipeline(settings, store, lambda _name: provider, CredentialBroker([NoCredentials()]))
+
+
+def _request(request_id: str, **sandbox: Any) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "tenant_id": "acme",
+        "agent": "mock",
+        "provider": "docker",
+        "sandbox": sandbox,
+        "session": {"prompt": "hello"},
+    }
+
+
+def _pools(store: Store, provider: FakeProvider, settings: Settings) -> Pools:
+    return Pools(settings, store, lambda _name: provider, Limits(store.redis, settings.fleet, 30))
+
+
+def test_a_claim_serves_the_session_from_the_pool_and_the_refill_tops_it_up(
+    store: Store, provider: FakeProvider
+) -> None:
+    settings = _settings()
+    pools = _pools(store, provider, settings)
+    assert pools.refill() == 2
+    pooled = set(provider.sandboxes)
+    # No variable of anyone's: only the daemon's own knobs.
+    assert all(name.startswith("SANDBOX_AGENT_") for s in pooled for name in provider.daemons.env[s])
+
+    result = _pipeline(store, provider, settings).create(_request("warm-1"))
+
+    assert result.state is SessionState.ready and result.warm, result.error
+    assert result.sandbox_id in pooled and result.reply == "mock: hello"
+    assert "pool_claim" in result.timings_ms
+    assert provider.calls.count("start") == 2  # no cold start
+    assert pools.refill() == 1 and len(provider.sandboxes) == 3  # the claimed one is replaced, never returned
+
+
+def test_the_claim_binds_the_session_environment_by_restarting_the_daemon(store: Store, provider: FakeProvider) -> None:
+    settings = _settings(size=1)
+    pools = _pools(store, provider, settings)
+    pools.refill()
+    [sandbox_id] = provider.sandboxes
+    pool_token = provider.daemons.tokens[sandbox_id]
+    assert "TEAM" not in provider.daemons.env[sandbox_id]
+
+    result = _pipeline(store, provider, settings).create(_request("warm-env", env={"TEAM": "blue"}))
+
+    assert result.state is SessionState.ready and result.warm and result.sandbox_id == sandbox_id
+    assert provider.daemons.env[sandbox_id]["TEAM"] == "blue"  # bound at the claim
+    assert provider.daemons.tokens[sandbox_id] != pool_token  # a new daemon, with the session's own token
+
+
+def test_a_session_that_adds_nothing_uses_the_pooled_daemon_as_it_is(store: Store, provider: FakeProvider) -> None:
+    settings = _settings(size=1)
+    _pools(store, provider, settings).refill()
+    [sandbox_id] = provider.sandboxes
+    pool_token = provider.daemons.tokens[sandbox_id]
+    spawns = provider.calls.count("spawn")
+
+    result = _pipeline(store, provider, settings).create(_request("warm-as-is"))
+
+    assert result.state is SessionState.ready and result.warm
+    assert provider.calls.count("spawn") == spawns  # no restart
+    assert (result.server_id or "").startswith("sw-pool-")  # the agent the pool spawned and initialized
+    record = store.get("warm-as-is")
+    token = store.token_of(record) if record is not None else None
+    assert token is not None and token.get_secret_value() == pool_token  # the pool's token, handed to this session
+
+
+def test_an_empty_pool_falls_back_to_a_cold_start(store: Store, provider: FakeProvider) -> None:
+    settings = _settings()
+
+    result = _pipeline(store, provider, settings).create(_request("cold-1"))
+
+    assert result.state is SessionState.ready and not result.warm
+    assert result.timings_ms["pool_claim"] == 0.0
+    assert provider.calls.count("start") == 1
+
+
+def test_a_request_the_pool_cannot_serve_starts_cold(store: Store, provider: FakeProvider) -> None:
+    settings = _settings(size=1)
+    _pools(store, provider, settings).refill()
+
+    result = _pipeline(store, provider, settings).create(_request("own-labels", labels={"team": "blue"}))
+
+    assert result.state is SessionState.ready and not result.warm
+
+
+def test_a_dead_entry_is_removed_and_the_request_starts_cold(store: Store, provider: FakeProvider) -> None:
+    settings = _settings(size=1)
+    _pools(store, provider, settings).refill()
+    [pooled] = provider.sandboxes
+    provider.daemons.tokens.pop(pooled)  # its daemon no longer answers
+
+    result = _pipeline(store, provider, settings).create(_request("dead-1"))
+
+    assert result.state is SessionState.ready and not result.warm
+    assert pooled not in provider.sandboxes
+
+
+def test_entries_past_their_max_age_are_recycled_and_never_handed_out(
+    store: Store, provider: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(size=1)
+    pools = _pools(store, provider, settings)
+    pools.refill()
+    [old] = provider.sandboxes
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + settings.pool.max_age_seconds + 1)
+
+    result = _pipeline(store, provider, settings).create(_request("late-1"))
+    assert result.state is SessionState.ready and not result.warm and result.sandbox_id != old
+    assert old not in provider.sandboxes  # the claim removed what it may not hand out
+
+    pools.refill()
+    [fresh] = [s for s in provider.sandboxes if s != result.sandbox_id]
+    monkeypatch.setattr(time, "time", lambda: real_time() + 2 * (settings.pool.max_age_seconds + 1))
+    assert pools.recycle(TARGET) == 1 and fresh not in provider.sandboxes  # the refill's own pass
+
+
+def test_pooled_sandboxes_count_against_the_quota_and_pass_their_slot_to_the_claim(
+    store: Store, provider: FakeProvider
+) -> None:
+    settings = _settings(size=3, provider_sandboxes={"docker": 2})
+    pools = _pools(store, provider, settings)
+    assert pools.refill() == 2  # the quota, not the pool's size
+    quota = Semaphore(store.redis, "sandboxes:docker", 2)
+    assert all(holder.startswith("pool:") for holder in quota.holders())
+
+    result = _pipeline(store, provider, settings).create(_request("quota-1"))
+
+    assert result.warm and "quota-1" in quota.holders() and len(quota.holders()) == 2
+
+
+def test_the_reaper_keeps_live_entries_and_removes_orphaned_ones(store: Store, provider: FakeProvider) -> None:
+    settings = _settings(size=2)
+    pools = _pools(store, provider, settings)
+    pools.refill()
+    store.create(SessionRequest.model_validate(_request("marker")))  # the fleet marker
+    claimed = _pipeline(store, provider, settings).create(_request("claimed-1"))
+    assert claimed.warm
+    [ready] = [s for s in provider.sandboxes if s != claimed.sandbox_id]
+    orphan = provider.sandboxes[ready]
+    # Its entry vanishes from Redis (a fill whose worker died leaves the same: a sandbox no pool entry names).
+    name = pool_name(TARGET)
+    store.redis.zrem(f"sw:pool:{{{name}}}:ready", orphan.labels[LABEL_POOL_ENTRY])
+    pools.refill()  # a replacement, which the reaper must leave alone
+    replacement = next(s for s in provider.sandboxes if s not in (ready, claimed.sandbox_id))
+
+    teardown = _pipeline(store, provider, settings).teardown
+    reaped = Reaper(settings, store, lambda _n: provider, teardown.terminate, lambda _r: None, teardown.limits).run()
+
+    assert [(r.action, r.sandbox_id, r.done) for r in reaped] == [("remove", ready, True)]
+    assert replacement in provider.sandboxes and claimed.sandbox_id in provider.sandboxes
+
+
+def test_the_reaper_judges_a_claimed_sandbox_as_its_request_s(store: Store, provider: FakeProvider) -> None:
+    settings = _settings(size=1)
+    _pools(store, provider, settings).refill()
+    result = _pipeline(store, provider, settings).create(_request("ended-1"))
+    assert result.warm
+    record = store.get("ended-1")
+    assert record is not None
+    record.result.state = SessionState.failed  # its request ended without removing it (a worker died mid-way)
+    store.put(record)
+
+    teardown = _pipeline(store, provider, settings).teardown
+    reaped = Reaper(settings, store, lambda _n: provider, teardown.terminate, lambda _r: None, teardown.limits).run()
+
+    assert [(r.action, r.request_id, r.done) for r in reaped] == [("remove", "ended-1", True)]
+    assert result.sandbox_id not in provider.sandboxes
+
+
+def test_terminate_removes_a_warm_session_s_sandbox(store: Store, provider: FakeProvider) -> None:
+    settings = _settings(size=1)
+    _pools(store, provider, settings).refill()
+    pipeline = _pipeline(store, provider, settings)
+    result = pipeline.create(_request("term-1"))
+    assert result.warm
+
+    assert pipeline.teardown.terminate("term-1").state is SessionState.terminated
+    assert result.sandbox_id not in provider.sandboxes

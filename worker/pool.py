@@ -1,0 +1,420 @@
+"""Warm pools: sandboxes already started with a healthy daemon, claimed by a request instead of starting one.
+
+A pool is one :class:`worker.config.PoolTarget` (provider, agent, image) of ``SANDBOX_WORKER_POOL__TARGETS``. Every
+worker process keeps the pools filled (:class:`RefillThread`: a short per-pool redis-py ``Lock`` to count what is
+missing and mark those fills in progress, then the fills outside the lock), so no single filler can die with the
+pool. Any worker claims (:meth:`Pools.claim`) with one Lua script: ``ZPOPMAX`` of the ready set and the claim noted,
+so an entry goes to exactly one request, however many claim at once.
+
+**Late binding.** A pooled sandbox holds nothing of any tenant: it is started with the owner and pool labels only,
+no sandbox env, and its daemon runs with an empty environment from ``/workspace``. The daemon's token is made at
+fill time, kept Fernet-encrypted in the entry and handed to the one request that claims it. Everything
+tenant-specific is bound at the claim, in the pipeline's daemon stage (:func:`binds_as_is`): the daemon is
+restarted with the session's environment (credentials, user env, agent switches), its files and cwd (~35 ms), and
+the session stage sets model and mode as for a cold start. Only a session that adds nothing to the pool's daemon
+(no variables, no files, the pool's cwd: the mock agent with the ``none`` strategy) uses the daemon as it is.
+
+Entries are recycled unclaimed after ``max_age_seconds`` and never reused: a claimed sandbox belongs to its request
+and goes with it (terminate, compensation, the reaper). Pooled sandboxes hold a slot of their provider's sandbox
+quota (holder ``pool:<entry_id>``), taken only when free, and handed to the request at the claim.
+
+Keys, per pool ``<name>`` (hash-tagged, one Redis Cluster slot):
+
+* ``sw:pool:{<name>}:ready`` — zset, entry id → creation time (s)
+* ``sw:pool:{<name>}:entries`` — hash, entry id → :class:`PoolEntry` JSON (the token encrypted)
+* ``sw:pool:{<name>}:filling`` — zset, entry id → when the fill counts as dead (s)
+* ``sw:pool:{<name>}:claimed`` — hash, entry id → ``{"request_id", "sandbox_id", "at"}``: the reaper's way from a claimed
+  sandbox (whose labels cannot change on Docker) to its request
+* ``sw:pool:{<name>}:refill`` — the refill lock
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+import structlog
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, Endpoint, Provider, Sandbox, SandboxSpec
+from worker import daemon, metrics
+from worker.acp import AcpConnection
+from worker.agents import AgentSetup
+from worker.config import PoolTarget, Settings
+from worker.credentials.agents import llm_provider_for
+from worker.credentials.base import CredentialGrant
+from worker.environment import SessionEnvironment
+from worker.limits import Limits
+from worker.models import ProviderName, SessionRequest
+from worker.store import Store
+
+log = structlog.get_logger(__name__)
+
+LABEL_POOL = "sandbox-worker-pool"
+LABEL_POOL_ENTRY = "sandbox-worker-pool-entry"
+POOL_CWD = "/workspace"  # the pooled daemon's working directory (the request's default cwd)
+
+# KEYS: ready, entries, claimed. ARGV: request id. The newest ready entry (the least likely to be near its max age),
+# taken out and noted as claimed in one step: returns its JSON, or false when the pool is empty.
+_CLAIM = """
+local popped = redis.call('ZPOPMAX', KEYS[1])
+if #popped == 0 then return false end
+local id = popped[1]
+local entry = redis.call('HGET', KEYS[2], id)
+redis.call('HDEL', KEYS[2], id)
+local note = {request_id = ARGV[1], at = tonumber(redis.call('TIME')[1])}
+if entry then note.sandbox_id = cjson.decode(entry).sandbox_id end
+redis.call('HSET', KEYS[3], id, cjson.encode(note))
+return entry or false
+"""
+
+
+def pool_name(target: PoolTarget) -> str:
+    """A label-safe name for the pool of ``target`` ([A-Za-z0-9_-], as E2B metadata requires)."""
+    image = hashlib.sha256((target.image or "").encode()).hexdigest()[:10]
+    return f"{target.provider.value}-{target.agent.value}-{image}"
+
+
+def slot_holder(entry_id: str) -> str:
+    """The holder of a pool entry's quota slot (a colon: never a request id)."""
+    return f"pool:{entry_id}"
+
+
+class PoolEntry(BaseModel):
+    """A ready sandbox as the pool keeps it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    entry_id: str
+    pool: str
+    provider: ProviderName
+    sandbox_id: str
+    labels: dict[str, str]
+    token: str  # Fernet ciphertext of the daemon's token
+    server_id: str | None = None  # an ACP server whose agent is spawned and initialized (agents without an LLM)
+    created_at: float
+    expires_at: float  # the sandbox's hard lifetime
+
+    def sandbox(self) -> Sandbox:
+        return Sandbox(self.provider.value, self.sandbox_id, self.labels)
+
+    def __repr__(self) -> str:
+        return f"PoolEntry({self.pool!r}, {self.entry_id!r}, sandbox_id={self.sandbox_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A warm sandbox now belonging to one request, with its running daemon's token."""
+
+    entry: PoolEntry
+    sandbox: Sandbox
+    endpoint: Endpoint
+    token: SecretStr
+    seconds: float
+
+
+def binds_as_is(request: SessionRequest, agent: AgentSetup, grant: CredentialGrant, env: SessionEnvironment) -> bool:
+    """Whether a warm daemon already runs as this session needs: the session adds no variable (no credential,
+    no user env, no agent switch), no file and no other cwd. Otherwise the daemon is restarted with them."""
+    return not env.daemon_env and not agent.files and not grant.files and request.session.cwd == POOL_CWD
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    ready: str
+    entries: str
+    filling: str
+    claimed: str
+    refill: str
+
+    @classmethod
+    def of(cls, name: str) -> _Keys:
+        base = f"sw:pool:{{{name}}}:"
+        return cls(f"{base}ready", f"{base}entries", f"{base}filling", f"{base}claimed", f"{base}refill")
+
+
+class Pools:
+    """The warm pools of the settings: claiming (the pipeline), filling and recycling (:class:`RefillThread`), and
+    what the reaper needs to know about a pooled sandbox."""
+
+    def __init__(
+        self, settings: Settings, store: Store, providers: Callable[[ProviderName], Provider], limits: Limits
+    ) -> None:
+        self.settings = settings
+        self.config = settings.pool
+        self.store = store
+        self.redis = store.redis
+        self.providers = providers
+        self.limits = limits
+        self._claim = self.redis.register_script(_CLAIM)
+
+    # -- claiming ------------------------------------------------------------------------------------------
+    def target_for(self, request: SessionRequest) -> PoolTarget | None:
+        """The pool that may serve ``request``: same provider, agent and image, and nothing a started sandbox can
+        no longer take (its own labels, cpu or memory, a ttl longer than the pool's sandboxes live)."""
+        box = request.sandbox
+        if (
+            box.labels
+            or box.cpu is not None
+            or box.memory_mb is not None
+            or box.ttl_seconds > self.config.session_ttl_seconds
+        ):
+            return None
+        for target in self.config.targets:
+            if (target.provider, target.agent, target.image) == (request.provider, request.agent, box.image):
+                return target if target.size > 0 else None
+        return None
+
+    def claim(self, request: SessionRequest, target: PoolTarget, provider: Provider) -> Claimed | None:
+        """Take a ready sandbox of ``target``'s pool for ``request``; None (start cold) when the pool is empty or
+        the entry it got is past its max age or no longer answers (that entry is removed)."""
+        name = pool_name(target)
+        keys = _Keys.of(name)
+        started = time.perf_counter()
+        try:
+            raw = self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=[request.request_id])
+            miss = "empty"
+            if raw:
+                entry = PoolEntry.model_validate_json(raw)
+                claimed, miss = self._check(entry, provider)
+                if claimed is not None:
+                    self.limits.hand_over_sandbox(
+                        entry.provider, slot_holder(entry.entry_id), request, entry.expires_at
+                    )
+                    seconds = time.perf_counter() - started
+                    metrics.POOL_HITS.labels(name).inc()
+                    log.info(
+                        "warm sandbox claimed", pool=name, sandbox_id=entry.sandbox_id, ms=round(seconds * 1000, 1)
+                    )
+                    return Claimed(entry, *claimed, seconds)
+                self.discard(entry, provider)
+            metrics.POOL_MISSES.labels(name, miss).inc()
+            log.info("warm pool miss: starting cold", pool=name, reason=miss)
+            return None
+        finally:
+            metrics.POOL_CLAIM_SECONDS.labels(name).observe(time.perf_counter() - started)
+            metrics.POOL_SIZE.labels(name).set(self.redis.zcard(keys.ready))
+
+    def _check(self, entry: PoolEntry, provider: Provider) -> tuple[tuple[Sandbox, Endpoint, SecretStr] | None, str]:
+        """The entry's sandbox and token when it may be handed out, else why not."""
+        if time.time() - entry.created_at > self.config.max_age_seconds:
+            return None, "expired"
+        sandbox, token = entry.sandbox(), self.store.cipher.decrypt(entry.token)
+        try:
+            endpoint = provider.endpoint(sandbox, self.settings.daemon_port)
+        except Exception:  # gone, or the provider cannot say: either way not worth a session
+            return None, "dead"
+        client = daemon.DaemonClient(endpoint, token, timeout=5)
+        try:
+            return ((sandbox, endpoint, token), "") if client.health() else (None, "dead")
+        finally:
+            client.close()
+
+    def discard(self, entry: PoolEntry, provider: Provider | None = None) -> None:
+        """Remove an entry's sandbox and free its quota slot. Best effort: the reaper removes what this misses."""
+        try:
+            (provider or self.providers(entry.provider)).stop(entry.sandbox_id)
+        except Exception as exc:
+            log.warning("could not remove a pooled sandbox", sandbox_id=entry.sandbox_id, error=type(exc).__name__)
+        self.limits.release_sandbox(entry.provider, slot_holder(entry.entry_id))
+        self.redis.hdel(_Keys.of(entry.pool).claimed, entry.entry_id)
+
+    # -- filling and recycling -----------------------------------------------------------------------------
+    def refill(self) -> int:
+        """One pass over every pool: remove what is past its max age, then start what is missing. Returns the
+        sandboxes made ready."""
+        made = 0
+        for target in self.config.targets:
+            self.recycle(target)
+            for entry_id in self._reserve_fills(target):
+                made += self._fill(target, entry_id)
+            metrics.POOL_SIZE.labels(pool_name(target)).set(self.redis.zcard(_Keys.of(pool_name(target)).ready))
+        return made
+
+    def recycle(self, target: PoolTarget) -> int:
+        """Remove the ready entries of ``target``'s pool past their max age (each by whoever takes it out first)."""
+        name = pool_name(target)
+        keys = _Keys.of(name)
+        removed = 0
+        cutoff = time.time() - self.config.max_age_seconds
+        for entry_id in [str(member) for member in self.redis.zrangebyscore(keys.ready, "-inf", cutoff)]:
+            pipe = self.redis.pipeline()  # MULTI: taken out and read in one step, or not ours
+            pipe.zrem(keys.ready, entry_id)
+            pipe.hget(keys.entries, entry_id)
+            pipe.hdel(keys.entries, entry_id)
+            taken, raw, _ = pipe.execute()
+            if taken and raw:
+                self.discard(PoolEntry.model_validate_json(raw))
+                metrics.POOL_RECYCLED.labels(name).inc()
+                removed += 1
+        return removed
+
+    def drain(self) -> int:
+        """Remove every ready entry of every pool (a benchmark's or a shutdown's clean-up); fills in progress finish."""
+        removed = 0
+        for target in self.config.targets:
+            keys = _Keys.of(pool_name(target))
+            while raw := self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=["drain"]):
+                self.discard(PoolEntry.model_validate_json(raw))
+                removed += 1
+        return removed
+
+    def _reserve_fills(self, target: PoolTarget) -> list[str]:
+        """Under the pool's refill lock (short: no sandbox is started under it), count ready sandboxes and fills in
+        progress, and mark the missing ones as this process's fills. Another worker holding the lock skips this pool
+        for one pass."""
+        keys = _Keys.of(pool_name(target))
+        lock = self.redis.lock(keys.refill, timeout=10, blocking=False)
+        if not lock.acquire():
+            return []
+        try:
+            now = time.time()
+            self.redis.zremrangebyscore(keys.filling, "-inf", now)  # fills whose worker died count no more
+            missing = target.size - self.redis.zcard(keys.ready) - self.redis.zcard(keys.filling)
+            ids = [uuid.uuid4().hex[:16] for _ in range(max(missing, 0))]
+            if ids:
+                self.redis.zadd(keys.filling, dict.fromkeys(ids, now + self.config.fill_timeout_seconds))
+            return ids
+        finally:
+            with contextlib.suppress(redis.exceptions.LockError):
+                lock.release()
+
+    def _fill(self, target: PoolTarget, entry_id: str) -> int:
+        """Start one pooled sandbox with its daemon and agent, and make it ready. 1 when it is, 0 otherwise."""
+        name, settings = pool_name(target), self.settings
+        keys = _Keys.of(name)
+        now = time.time()
+        expires = now + self.config.max_age_seconds + self.config.session_ttl_seconds
+        provider = self.providers(target.provider)
+        sandbox: Sandbox | None = None
+        if not self.limits.reserve_pool_sandbox(target.provider, slot_holder(entry_id), expires):
+            self.redis.zrem(keys.filling, entry_id)
+            log.info("no quota slot free for a pooled sandbox", pool=name)
+            return 0
+        try:
+            labels = {
+                LABEL_OWNER: settings.owner,
+                LABEL_POOL: name,
+                LABEL_POOL_ENTRY: entry_id,
+                LABEL_CREATED_AT: str(int(now)),
+                LABEL_EXPIRES_AT: str(int(expires)),
+            }
+            spec = SandboxSpec(
+                image=target.image,
+                labels=labels,
+                ttl_seconds=int(expires - now),
+                ports=(settings.daemon_port,),
+                idempotency_key=f"pool-{entry_id}",
+            )
+            sandbox = provider.start(spec)
+            token, server_id = self._start_daemon(target, provider, sandbox, entry_id)
+            entry = PoolEntry(
+                entry_id=entry_id,
+                pool=name,
+                provider=target.provider,
+                sandbox_id=sandbox.sandbox_id,
+                labels=dict(sandbox.labels),
+                token=self.store.cipher.encrypt(token),
+                server_id=server_id,
+                created_at=now,
+                expires_at=expires,
+            )
+            pipe = self.redis.pipeline()  # MULTI: ready and no longer filling in one step (the reaper looks at both)
+            pipe.hset(keys.entries, entry_id, entry.model_dump_json())
+            pipe.zadd(keys.ready, {entry_id: now})
+            pipe.zrem(keys.filling, entry_id)
+            pipe.execute()
+        except Exception as exc:
+            log.warning("filling a pooled sandbox failed", pool=name, error=type(exc).__name__, detail=str(exc)[:200])
+            metrics.POOL_FILLS.labels(name, "failed").inc()
+            if sandbox is not None:
+                with contextlib.suppress(Exception):
+                    provider.stop(sandbox.sandbox_id)
+            self.limits.release_sandbox(target.provider, slot_holder(entry_id))
+            self.redis.zrem(keys.filling, entry_id)
+            return 0
+        metrics.POOL_FILLS.labels(name, "ready").inc()
+        log.info("pooled sandbox ready", pool=name, sandbox_id=sandbox.sandbox_id)
+        return 1
+
+    def _start_daemon(
+        self, target: PoolTarget, provider: Provider, sandbox: Sandbox, entry_id: str
+    ) -> tuple[SecretStr, str | None]:
+        """The daemon of a pooled sandbox: checked, its agent installed, started with no tenant's anything, healthy.
+        An agent that takes no LLM credential (mock) is also spawned and ACP-initialized, on a server handed to the
+        session with the daemon; any other would need its session's environment, so it is spawned after the claim."""
+        settings, agent = self.settings, target.agent.value
+        daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
+        daemon.install_agent(provider, sandbox, agent, settings.daemon_install)
+        token = daemon.new_token()
+        daemon.start_daemon(provider, sandbox, token=token, port=settings.daemon_port, cwd=POOL_CWD, env={})
+        client = daemon.DaemonClient(provider.endpoint(sandbox, settings.daemon_port), token)
+        server_id = None
+        try:
+            client.wait_healthy(settings.health_timeout)
+            daemon.check_agent(client, agent)
+            if llm_provider_for(target.agent, None) is None:
+                server_id = f"sw-pool-{entry_id}"
+                with AcpConnection(client, server_id, agent) as acp:
+                    acp.initialize(timeout=settings.session_timeout)
+        finally:
+            client.close()
+        return token, server_id
+
+    # -- what the reaper asks ------------------------------------------------------------------------------
+    def claimed_by(self, sandbox: Sandbox) -> str | None:
+        """The request a pooled sandbox was claimed by, or None (not pooled, or not claimed)."""
+        name, entry_id = sandbox.labels.get(LABEL_POOL), sandbox.labels.get(LABEL_POOL_ENTRY)
+        if not name or not entry_id:
+            return None
+        raw = self.redis.hget(_Keys.of(name).claimed, entry_id)
+        return str(json.loads(raw)["request_id"]) if raw else None
+
+    def in_use(self, sandbox: Sandbox) -> bool:
+        """Whether a pooled, unclaimed sandbox is still the pool's: ready, or its fill still in progress."""
+        keys = _Keys.of(sandbox.labels[LABEL_POOL])
+        entry_id = sandbox.labels[LABEL_POOL_ENTRY]
+        if self.redis.zscore(keys.ready, entry_id) is not None:
+            return True
+        deadline = self.redis.zscore(keys.filling, entry_id)
+        return deadline is not None and deadline > time.time()
+
+    def recycle_all(self) -> int:
+        return sum(self.recycle(target) for target in self.config.targets)
+
+    def forget_claims(self, listed: set[str], before: float) -> None:
+        """Drop the claim notes of sandboxes that no longer exist (not in ``listed``, the sandbox ids a listing
+        taken at ``before`` returned); a note newer than the listing is kept: its sandbox may not have been listed."""
+        for target in self.config.targets:
+            key = _Keys.of(pool_name(target)).claimed
+            for entry_id, raw in self.redis.hgetall(key).items():
+                note = json.loads(raw)
+                if note.get("at", 0) < before and note.get("sandbox_id") not in listed:
+                    self.redis.hdel(key, entry_id)
+
+
+class RefillThread(threading.Thread):
+    """A worker process's background refill: :meth:`Pools.refill` every ``refill_interval_seconds``."""
+
+    def __init__(self, pools: Pools) -> None:
+        super().__init__(name="pool-refill", daemon=True)
+        self.pools = pools
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.pools.refill()
+            except Exception as exc:  # Redis or a provider down: try again next pass
+                log.warning("pool refill pass failed", error=type(exc).__name__)
+            self.stopped.wait(self.pools.config.refill_interval_seconds)
+
+    def stop(self) -> None:
+        self.stopped.set()

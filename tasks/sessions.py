@@ -9,7 +9,14 @@ from celery import Task
 
 from worker import runtime
 from worker.access import access_for
-from worker.auth import AppCredential, Operation, authenticate, authorize_request, authorize_tenant
+from worker.auth import (
+    AppCredential,
+    Operation,
+    SignatureExpired,
+    authenticate,
+    authorize_request,
+    authorize_tenant,
+)
 from worker.celery_app import CREATE_SESSION, SESSION_ACCESS, SESSION_STATUS, TERMINATE_SESSION, app
 from worker.config import Settings, get_settings
 from worker.errors import Busy, InvalidRequest
@@ -33,9 +40,16 @@ def _refused(request: Any, error: InvalidRequest) -> dict[str, Any]:
 
 def _check_create(request: Any, auth: Any) -> None:
     """Before any record, credential or sandbox: the signature, then the tenant and the image. A request that does
-    not parse from an authenticated sender goes on to the pipeline, which answers it as today."""
+    not parse from an authenticated sender goes on to the pipeline, which answers it as today. A signature past its
+    window still serves a request that already has its record: a retry or redelivery of one accepted when fresh
+    (a bring-up's retries may outlast any window)."""
     settings = get_settings()
-    sender = authenticate(settings.auth, Operation.create, request, auth)
+    try:
+        sender = authenticate(settings.auth, Operation.create, request, auth)
+    except SignatureExpired as expired:
+        if not _has_record(request):
+            raise
+        sender = expired.app
     if sender is None:
         return
     try:
@@ -43,6 +57,16 @@ def _check_create(request: Any, auth: Any) -> None:
     except InvalidRequest:
         return
     authorize_request(settings.auth, sender, parsed, default_images(settings))
+
+
+def _has_record(request: Any) -> bool:
+    """Whether this very request has a record (a read: nothing is written before the checks pass)."""
+    try:
+        parsed = parse_request(request)
+    except InvalidRequest:
+        return False
+    record = runtime.store().get(parsed.request_id)
+    return record is not None and record.request == parsed
 
 
 def _check_request_id(operation: Operation, request_id: str, auth: Any) -> AppCredential | None:

@@ -154,3 +154,18 @@ def test_short_keys_are_refused() -> None:
         _settings(worker_key="")
     with pytest.raises(ValidationError, match="key"):
         AuthSettings.model_validate({"apps": {"web": {"key": "short", "tenants": ["*"]}}})
+
+
+def test_redis_acl_prints_the_two_users_with_hashed_passwords() -> None:
+    """`sandbox-worker redis-acl`: the passwords appear only as SHA-256; the app user gets no sw: key."""
+    from typer.testing import CliRunner
+
+    from worker import cli
+
+    env = {"SANDBOX_WORKER_ACL_APP_PASSWORD": "app-pw-123", "SANDBOX_WORKER_ACL_WORKER_PASSWORD": "worker-pw-456"}
+    done = CliRunner().invoke(cli.app, ["redis-acl", "--app-user", "shop"], env=env)
+    assert done.exit_code == 0, done.output
+    app_line, worker_line = done.stdout.splitlines()
+    assert app_line.startswith("ACL SETUSER shop reset on #") and worker_line.startswith("ACL SETUSER sandbox-worker")
+    assert "pw-" not in done.stdout
+    assert "%W~sessions*" in app_line and "sw:" not in app_line and "~*" not in app_line.split()

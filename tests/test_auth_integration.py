@@ -122,6 +122,13 @@ def test_a_web_app_brings_up_its_tenants_session_and_no_other_app_reaches_it(
     assert access is not None
     assert httpx.get(f"{access.url}/v1/health", headers=access.http_headers()).json() == {"status": "ok"}
 
+    # A retry or redelivery of the accepted request, its signature past the window: answered from its record.
+    stale = Signer("web", _secret(WEB_KEY)).sign(Operation.create, request, now=time.time() - 7200)
+    again = web.app.send_task(
+        CREATE_SESSION, args=[request], kwargs={"auth": stale}, queue="sessions.docker", declare=[]
+    )
+    assert SessionResult.model_validate(again.get(timeout=60)).session_id == result.session_id
+
     other = _client(monkeypatch, acl_urls["app"], "other", OTHER_KEY)
     refused = other.terminate(request["request_id"])
     assert refused is not None and refused.error is not None and refused.error.field == "tenant_id"
@@ -173,8 +180,6 @@ def test_a_refused_request_makes_nothing(
             CREATE_SESSION, args=[request], kwargs=auth, queue="sessions.docker", declare=[]
         )  # what a client without the right key can put on the broker
         result = SessionResult.model_validate(task.get(timeout=60))
-    assert result.error is not None
-    assert field in result.error.message or result.error.field == field
     _refused_with_nothing_made(result, field, request["request_id"], docker_client, redis_client)
 
 

@@ -9,8 +9,9 @@ key it has for that app, refuses one issued outside its window, then checks the 
 use the image.
 
 Replays inside the window do no harm: a request_id owns one record, so a replayed ``create`` answers from it and
-a replayed ``terminate`` finds the session already ended. The window must outlast a task's retries and a
-redelivery after the broker's visibility timeout, which re-run the same signed message.
+a replayed ``terminate`` finds the session already ended. A task's retries and a redelivery re-run the same signed
+message, possibly past the window: a ``create`` whose request already has its record is served then (the task
+checks, :func:`tasks.sessions._check_create`).
 
 ``mode=open`` turns all of it off: any sender may name any tenant and image (one trusted app, or ``make demo``).
 """
@@ -97,8 +98,8 @@ class AuthSettings(BaseModel):
     max_age_seconds: int = Field(
         3600,
         ge=60,
-        description="How long a signature stays valid: long enough for a task's retries and a redelivery after the "
-        "broker's visibility timeout.",
+        description="How long a signature stays valid for a request without a record yet (a retry or redelivery of "
+        "one that has its record is served past it).",
     )
     max_skew_seconds: int = Field(60, ge=0, description="How far in the future a signature's issued_at may be.")
     worker_key: SecretStr | None = Field(
@@ -132,6 +133,14 @@ class Envelope(BaseModel):
     app_id: str = Field(max_length=128)
     issued_at: float
     signature: str = Field(max_length=128)
+
+
+class SignatureExpired(InvalidRequest):
+    """A signature that matches but is older than the window; ``app`` signed it."""
+
+    def __init__(self, app: AppCredential, max_age_seconds: int) -> None:
+        super().__init__(f"the signature expired (older than {max_age_seconds} s)", field="auth.issued_at")
+        self.app = app
 
 
 def _matches(value: str, patterns: list[str]) -> bool:
@@ -203,7 +212,7 @@ def authenticate(
     if envelope.issued_at > now + settings.max_skew_seconds:
         raise InvalidRequest("the signature is issued in the future (clock skew)", field="auth.issued_at")
     if envelope.issued_at < now - settings.max_age_seconds:
-        raise InvalidRequest(f"the signature expired (older than {settings.max_age_seconds} s)", field="auth.issued_at")
+        raise SignatureExpired(app, settings.max_age_seconds)
     return app
 
 

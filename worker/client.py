@@ -52,7 +52,9 @@ class SessionClient:
         request_id = str(payload.get("request_id") or "")
         if not request_id:
             raise InvalidRequest("request_id is required when validation is off", field="request_id")
-        self._sent[request_id] = send_create(payload, app=self.app, signer=self.signer)
+        task = send_create(payload, app=self.app, signer=self.signer)
+        if self.signer is not None:  # followed by wait; an open client reads the record instead
+            self._sent[request_id] = task
         return request_id
 
     def status(self, request_id: str, *, timeout: float = 30.0) -> SessionResult | None:
@@ -67,7 +69,7 @@ class SessionClient:
     def _latest(self, request_id: str, timeout: float) -> tuple[SessionResult | None, str | None]:
         """The result as it stands and the stage in progress. A signed client follows its own create task (its
         progress, then its result: a refusal is answered only there), else asks a worker."""
-        task = self._sent.get(request_id) if self.signer is not None else None
+        task = self._sent.get(request_id)
         if task is None:
             result = self.status(request_id, timeout=timeout)
             return result, result.stage if result else None
@@ -88,6 +90,7 @@ class SessionClient:
         while (left := deadline - time.monotonic()) > 0:
             result, stage = self._latest(request_id, left)
             if result is not None and result.state.terminal:
+                self._sent.pop(request_id, None)  # answered: no longer followed (nor subscribed to)
                 return result
             if stage and stage != last_stage and on_progress:
                 on_progress(stage)

@@ -33,6 +33,10 @@ TENANT=demo
 CWD=/workspace   # the session's cwd (the request's default)
 TOOL_FILE=file.txt
 
+# Single-tenant dev mode: this script is the only sender, so tasks are not signed (docs/operations.md, "Trust
+# model"); a fleet serving web apps keeps the default, signed.
+export SANDBOX_WORKER_AUTH__MODE=open
+
 # An ephemeral Fernet key unless one is configured: the daemon token is stored encrypted.
 export SANDBOX_WORKER_FERNET_KEY="${SANDBOX_WORKER_FERNET_KEY:-$("${CLI[@]}" keygen)}"
 

@@ -128,6 +128,8 @@ def base_env(redis_server: RedisServer) -> dict[str, str]:
         "SANDBOX_WORKER_OWNER": OWNER,
         "SANDBOX_WORKER_LOG_FORMAT": "json",
         "SANDBOX_WORKER_HEALTH_TIMEOUT": "15",
+        # One trusted sender: tests of signed requests set their apps themselves (tests/test_auth_integration.py).
+        "SANDBOX_WORKER_AUTH__MODE": "open",
     }
 
 
@@ -144,6 +146,7 @@ def _unit_env() -> dict[str, str]:
         "SANDBOX_WORKER_FERNET_KEY": FERNET_KEY,
         "SANDBOX_WORKER_OWNER": OWNER,
         "SANDBOX_WORKER_LOG_FORMAT": "json",
+        "SANDBOX_WORKER_AUTH__MODE": "open",
     }
 
 

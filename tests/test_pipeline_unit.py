@@ -239,7 +239,7 @@ def test_a_long_reply_is_kept_cut_with_a_marker(store: Store, provider: FakeProv
 
 def _client(store: Store, app: Celery) -> SessionClient:
     client = SessionClient.__new__(SessionClient)
-    client.store, client.app = store, app
+    client.store, client.app, client.signer, client._sent = store, app, None, {}  # open mode: reads the records
     return client
 
 

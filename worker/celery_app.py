@@ -18,6 +18,8 @@ PROVIDER_NAMES = tuple(p.value for p in ProviderName)
 # worker package imports the tasks package.
 CREATE_SESSION = "sessions.create"
 TERMINATE_SESSION = "sessions.terminate"
+SESSION_STATUS = "sessions.status"
+SESSION_ACCESS = "sessions.access"
 REAP = "maintenance.reap"
 CHECK_SANDBOXES = "maintenance.check_sandboxes"
 BATCHES_TICK = "batches.tick"
@@ -71,8 +73,13 @@ def create_app(settings: Settings | None = None) -> Celery:
         # Pool processes keep their real stderr: redirected, structlog's stderr handler fed the redirect's logger
         # and every line was dropped by its recursion guard.
         worker_redirect_stdouts=False,
+        # Remote control (shutdown, pool resizing, rate limits) obeys anyone who can write to the broker: off
+        # unless the operator turns it on.
+        worker_enable_remote_control=settings.remote_control,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # A web app (an app id set) sends no task-sent events: its Redis user may not publish on the event channel,
+        # which carries every task's arguments (docs/operations.md, "Redis users").
+        task_send_sent_event=settings.auth.app_id is None,
     )
     return app
 

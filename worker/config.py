@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from providers import config_models
 from providers.base import ProviderConfig
 from worker import credentials, pins
+from worker.auth import AuthSettings
 from worker.credentials.settings import EgressSettings, ProviderURLs, SettingsBlock
 from worker.fleet import FleetConfig
 from worker.models import Agent, InstallMode, ProviderName, Strategy
@@ -164,6 +165,12 @@ class Settings(BaseSettings):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     pool: PoolSettings = Field(default_factory=PoolSettings)
     credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    remote_control: bool = Field(
+        False,
+        description="Let Celery remote control (shutdown, pool changes, rate limits: anyone on the broker) reach the "
+        "workers.",
+    )
 
     def provider_config(self, name: str) -> ProviderConfig:
         """The settings block of the registered provider ``name``."""

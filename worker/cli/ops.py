@@ -1,5 +1,5 @@
 """Running the fleet on the ``sandbox-worker`` command: ``worker``, ``reap``, ``batch run FILE``,
-``batch status RUN_ID`` and the ``settings`` reference.
+``batch status RUN_ID``, the ``settings`` reference and the Redis users (``redis-acl``).
 
 Redis, Celery and the runtime are imported only when a command runs.
 """
@@ -174,8 +174,44 @@ def settings_doc(
         output.line(settings_reference().removesuffix("\n"))
 
 
+def redis_acl(
+    app_user: Annotated[str, typer.Option(help="The web apps' Redis user.")] = "sandbox-app",
+    app_password: Annotated[
+        str, typer.Option(envvar="SANDBOX_WORKER_ACL_APP_PASSWORD", prompt=True, hide_input=True)
+    ] = "",
+    worker_user: Annotated[str, typer.Option(help="The workers' Redis user.")] = "sandbox-worker",
+    worker_password: Annotated[
+        str, typer.Option(envvar="SANDBOX_WORKER_ACL_WORKER_PASSWORD", prompt=True, hide_input=True)
+    ] = "",
+    apply: Annotated[
+        str | None, typer.Option(help="Apply the rules on this Redis (an admin's URL) instead of printing them.")
+    ] = None,
+) -> None:
+    """The ACL SETUSER commands for a web app's user (enqueue, read its results) and the workers' user; printed
+    (passwords only as SHA-256), or applied with --apply. docs/operations.md, "Redis users"."""
+    from pydantic import SecretStr
+
+    from worker.redis_acl import app_rules, setuser, worker_rules
+
+    commands = [
+        setuser(app_user, app_rules(SecretStr(app_password))),
+        setuser(worker_user, worker_rules(SecretStr(worker_password))),
+    ]
+    if apply is None:
+        for command in commands:
+            output.line(" ".join(command))
+        return
+    import redis
+
+    with redis.Redis.from_url(apply) as admin:
+        for command in commands:
+            admin.execute_command(*command)
+    output.show(plain(f"applied: users {app_user} and {worker_user}"))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(worker)
     app.command()(reap)
+    app.command("redis-acl")(redis_acl)
     app.add_typer(batch_app, name="batch")
     app.command("settings")(settings_doc)

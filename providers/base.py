@@ -68,6 +68,9 @@ class Sandbox:
     sandbox_id: str
     labels: Mapping[str, str] = field(default_factory=dict)
     state: str = "running"
+    # The sandbox's address on its private network, as other hosts see its connections (Docker: its address on
+    # the sandbox network), for binding what it was given to it; None where the provider does not say.
+    private_ip: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

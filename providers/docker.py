@@ -4,6 +4,11 @@ The container runs the image's idle command for the sandbox's ttl, then stops an
 (which may hold credentials) lives only in that process, never in the container's ``Config.Env``.
 The daemon port is published on ``publish_host`` (loopback by default) at a random host port.
 
+Isolation (providers/docker_isolation.py): sandboxes run on their own bridge network with inter-container
+traffic off and host rules that let them reach only the allowed host ports and destinations; every
+capability is dropped (``cap_add`` gives some back), ``no-new-privileges`` is set, and memory, CPU and process
+limits always apply (the request may ask for less or more, up to the configured maxima).
+
 The docker SDK (and its transport, requests) is imported where it is called, so :class:`DockerConfig` loads
 without it.
 """
@@ -17,8 +22,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from providers import docker_isolation
 from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker import pins
 from worker.errors import (
@@ -48,7 +54,29 @@ class DockerConfig(ProviderConfig):
         pins.SANDBOX_IMAGE, description="Default image; it must contain bash (and the daemon when preinstalled)."
     )
     publish_host: str = Field("127.0.0.1", description="Host address the daemon port is published on.")
-    network: str | None = Field(None, description="Docker network to attach sandboxes to.")
+    network: str | None = Field(
+        "sandbox-worker",
+        description="Docker network sandboxes run on. The driver creates it (bridge, inter-container traffic off) "
+        "and installs its host rules when `isolate` is on; unset: the engine's default bridge, no isolation.",
+    )
+    isolate: bool = Field(
+        True,
+        description="Create `network` with inter-container traffic off and install the engine host's packet "
+        "filter for it (see docs/operations.md, Sandbox network isolation) before the first sandbox starts.",
+    )
+    allowed_host_ports: list[int] = Field(
+        default_factory=list,
+        description="TCP ports of the engine host that sandboxes may connect to (on any host address): the "
+        "egress proxy's, a local LLM endpoint's. Every other host port is closed to them.",
+    )
+    allowed_destinations: list[str] = Field(
+        default_factory=list,
+        description="Destinations beyond the host that sandboxes may reach directly, as CIDR or CIDR:port (TCP), "
+        "e.g. 0.0.0.0/0:443. None by default; link-local addresses (cloud metadata) and other sandboxes never.",
+    )
+    cap_add: list[str] = Field(
+        default_factory=list, description="Capabilities given back to sandboxes (every one is dropped)."
+    )
     idle_command: tuple[str, ...] = Field(
         ("sleep", "infinity"),
         description="Entrypoint that keeps the sandbox alive; the daemon is started beside it, so images whose "
@@ -56,6 +84,17 @@ class DockerConfig(ProviderConfig):
     )
     # The engine runs the daemon as the image's default user; keep sandboxes off the host's privileges.
     pids_limit: int = Field(512, gt=0, description="Process limit per sandbox container.")
+    cpu: float = Field(2.0, gt=0, description="CPU cores of a sandbox whose request names none.")
+    memory_mb: int = Field(4096, ge=128, description="Memory limit (MiB) of a sandbox whose request names none.")
+    max_cpu: float = Field(8.0, gt=0, description="Most CPU cores a request may ask for.")
+    max_memory_mb: int = Field(16384, ge=128, description="Most memory (MiB) a request may ask for.")
+
+    @field_validator("allowed_destinations")
+    @classmethod
+    def _destinations(cls, values: list[str]) -> list[str]:
+        for value in values:
+            docker_isolation.parse_destination(value)
+        return values
 
 
 @contextmanager
@@ -92,6 +131,7 @@ class DockerProvider(Provider):
     def __init__(self, config: DockerConfig) -> None:
         self.config = config
         self._client: docker.DockerClient | None = None
+        self._isolated = False
 
     @property
     def client(self) -> docker.DockerClient:
@@ -110,11 +150,46 @@ class DockerProvider(Provider):
         with _map_docker_errors(sandbox_id):
             return self.client.containers.get(sandbox_id)
 
-    @staticmethod
-    def _sandbox(container: Container) -> Sandbox:
+    def _sandbox(self, container: Container) -> Sandbox:
+        networks = container.attrs.get("NetworkSettings", {}).get("Networks") or {}
+        address = (networks.get(self.config.network or "bridge") or {}).get("IPAddress") or None
         return Sandbox(
-            provider="docker", sandbox_id=container.id, labels=dict(container.labels), state=container.status
+            provider="docker",
+            sandbox_id=container.id,
+            labels=dict(container.labels),
+            state=container.status,
+            private_ip=address,
         )
+
+    def _isolate(self) -> None:
+        """The sandbox network and its host rules, once per driver (idempotent across workers)."""
+        config = self.config
+        if self._isolated or not (config.isolate and config.network):
+            return
+        with _map_docker_errors():
+            docker_isolation.install(
+                self.client, config.image, config.network, config.allowed_host_ports, config.allowed_destinations
+            )
+        self._isolated = True
+
+    def _limits(self, spec: SandboxSpec) -> dict[str, Any]:
+        config = self.config
+        cpu, memory_mb = spec.cpu or config.cpu, spec.memory_mb or config.memory_mb
+        if cpu > config.max_cpu:
+            raise InvalidRequest(f"sandbox.cpu: at most {config.max_cpu:g} on docker", field="sandbox.cpu")
+        if memory_mb > config.max_memory_mb:
+            raise InvalidRequest(
+                f"sandbox.memory_mb: at most {config.max_memory_mb} on docker", field="sandbox.memory_mb"
+            )
+        return {
+            "nano_cpus": int(cpu * 1e9),
+            "mem_limit": f"{memory_mb}m",
+            "memswap_limit": f"{memory_mb}m",  # no swap beyond the limit
+            "pids_limit": config.pids_limit,
+            "cap_drop": ["ALL"],
+            "cap_add": list(config.cap_add),
+            "security_opt": ["no-new-privileges:true"],
+        }
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         options: dict[str, Any] = {
@@ -129,15 +204,12 @@ class DockerProvider(Provider):
             "labels": dict(spec.labels),
             "environment": dict(spec.env),
             "ports": {f"{port}/tcp": (self.config.publish_host, None) for port in spec.ports},
-            "pids_limit": self.config.pids_limit,
+            **self._limits(spec),
         }
-        if spec.cpu:
-            options["nano_cpus"] = int(spec.cpu * 1e9)
-        if spec.memory_mb:
-            options["mem_limit"] = f"{spec.memory_mb}m"
         if self.config.network:
             options["network"] = self.config.network
         image = spec.image or self.config.image
+        self._isolate()
         with _map_docker_errors():
             container = self.client.containers.run(image, **options)
         deadline = time.monotonic() + self.config.start_timeout

@@ -35,15 +35,29 @@ DAEMON_PATH = "/usr/local/bin/sandbox-agent"
 DAEMON_LOG = "/tmp/sandbox-agent.log"  # noqa: S108 - a path inside the sandbox, not on the worker
 AGENT_PROCESS_DIR = "/root/.local/share/sandbox-agent/bin/agent_processes"
 MOCK_AGENT_ASSET = "mock-acp"
+# The token-holding front on the published port (see worker/assets/daemon-front): the daemon itself listens on
+# the sandbox's loopback, one port up, with no token on its command line.
+FRONT_ASSET = "daemon-front"
+FRONT_PATH = "/usr/local/lib/sandbox-worker/daemon-front"
+FRONT_TOKEN_ENV = "SANDBOX_WORKER_DAEMON_TOKEN"  # noqa: S105 - a variable name, not a value
 
 
 def new_token() -> SecretStr:
     return SecretStr(secrets.token_urlsafe(32))
 
 
+def _asset(name: str) -> bytes:
+    return resources.files("worker").joinpath("assets", name).read_bytes()
+
+
 def mock_agent_script() -> bytes:
     """The stand-in ACP agent shipped with the worker (installed as the ``mock`` agent's process)."""
-    return resources.files("worker").joinpath("assets", MOCK_AGENT_ASSET).read_bytes()
+    return _asset(MOCK_AGENT_ASSET)
+
+
+def loopback_port(port: int) -> int:
+    """Where the daemon listens on the sandbox's loopback, behind the front on ``port``."""
+    return port + 1 if port < 65535 else port - 1
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -85,25 +99,31 @@ def start_daemon(
     cwd: str,
     env: Mapping[str, SecretStr | str],
 ) -> None:
-    """Start ``sandbox-agent server`` from the workspace with the session's environment."""
+    """Start ``sandbox-agent server`` from the workspace with the session's environment, behind its front.
+
+    0.4.2 takes a token only as ``--token``, and a Docker sandbox's command lines are readable by every user of
+    the host, so the token never goes on one: the daemon listens with ``--no-token`` on the sandbox's loopback
+    (nothing outside the sandbox reaches it) and the front on ``port`` holds the token in its environment,
+    readable only by its own uid, and lets through only connections that present it."""
     process_env = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in env.items()}
     process_env.update(
         SANDBOX_AGENT_LOG_STDOUT="1",
         # Fail fast instead of a silent implicit install on the first ACP POST.
         SANDBOX_AGENT_REQUIRE_PREINSTALL="1",
     )
-    argv = [
-        DAEMON_PATH, "server", "--no-telemetry", "--host", "0.0.0.0", "--port", str(port),  # noqa: S104
-        f"--token={token.get_secret_value()}",  # "=": a token may start with "-"
-    ]  # fmt: skip
+    inner = str(loopback_port(port))
+    argv = [DAEMON_PATH, "server", "--no-telemetry", "--host", "127.0.0.1", "--port", inner, "--no-token"]
+    provider.upload(sandbox, FRONT_PATH, _asset(FRONT_ASSET), mode=0o755)
     provider.spawn(sandbox, argv, env=process_env, cwd=cwd, log_path=DAEMON_LOG)
+    front_env = {FRONT_TOKEN_ENV: token.get_secret_value()}
+    provider.spawn(sandbox, ["python3", FRONT_PATH, str(port), inner], env=front_env, cwd="/", log_path=DAEMON_LOG)
 
 
-# Stops every `sandbox-agent server` in the sandbox (its agents exit with it) and waits for it to go, so a new one
-# can bind the port. Plain sh and /proc: minimal images have no procps.
+# Stops every `sandbox-agent server` and daemon front in the sandbox (the agents exit with the daemon) and waits
+# for them to go, so new ones can bind the ports. Plain sh and /proc: minimal images have no procps.
 _STOP_DAEMON = r"""
 pids() { for p in /proc/[0-9]*; do
-  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*) echo "${p#/proc/}";; esac; done; }
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*|"python3 $1 "*) echo "${p#/proc/}";; esac; done; }
 for pid in $(pids); do kill -TERM "$pid" 2>/dev/null; done
 for _ in $(seq 50); do [ -z "$(pids)" ] && exit 0; sleep 0.1; done
 for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
@@ -113,7 +133,7 @@ for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
 def stop_daemon(provider: Provider, sandbox: Sandbox) -> None:
     """End the daemon a previous attempt started, so the session's daemon starts with this attempt's
     environment (credentials may differ: a vault placeholder is per grant)."""
-    result = provider.exec(sandbox, ["sh", "-c", _STOP_DAEMON, DAEMON_PATH], timeout=30)
+    result = provider.exec(sandbox, ["sh", "-c", _STOP_DAEMON, DAEMON_PATH, FRONT_PATH], timeout=30)
     if not result:
         raise DaemonError(f"could not stop the previous daemon (exit code {result.exit_code})")
 

@@ -58,6 +58,10 @@ class SandboxSpec:
     ttl_seconds: int = 3600
     ports: tuple[int, ...] = ()
     idempotency_key: str | None = None
+    # Destinations the sandbox may reach beyond what the operator allows every sandbox (the request's
+    # sandbox.egress: host, *.domain or a CIDR, with an optional :port); each driver maps it onto what its
+    # provider enforces, or refuses it.
+    egress: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from providers import docker_isolation
+from providers import docker_egress, docker_isolation
 from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker import pins
 from worker.errors import (
@@ -74,6 +75,25 @@ class DockerConfig(ProviderConfig):
         description="Destinations beyond the host that sandboxes may reach directly, as CIDR or CIDR:port (TCP), "
         "e.g. 0.0.0.0/0:443. None by default; link-local addresses (cloud metadata) and other sandboxes never.",
     )
+    forward_proxy_url: str | None = Field(
+        None,
+        description="URL sandboxes reach `sandbox-worker forward-proxy` at, e.g. http://172.17.0.1:8090: the way "
+        "out to `egress_always` and a request's `sandbox.egress` (HTTPS_PROXY). Its port is opened to sandboxes. "
+        "Unset: a request with `sandbox.egress` is refused.",
+    )
+    forward_proxy_key: SecretStr | None = Field(
+        None, description="Fernet key sealing the sandboxes' passes to the forward proxy (`sandbox-worker keygen`)."
+    )
+    egress_always: list[str] = Field(
+        default_factory=lambda: ["api.anthropic.com", "api.openai.com"],
+        description="Hosts every sandbox may reach through the forward proxy (the LLM endpoints): host, *.domain, "
+        "either with :port (443 and 80 without).",
+    )
+    no_proxy: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1"],
+        description="NO_PROXY of sandboxes when the forward proxy is set: hosts they reach directly (host services "
+        "on `allowed_host_ports`, e.g. the egress proxy's address).",
+    )
     cap_add: list[str] = Field(
         default_factory=list, description="Capabilities given back to sandboxes (every one is dropped)."
     )
@@ -95,6 +115,17 @@ class DockerConfig(ProviderConfig):
         for value in values:
             docker_isolation.parse_destination(value)
         return values
+
+    @model_validator(mode="after")
+    def _forward_proxy(self) -> DockerConfig:
+        if self.forward_proxy_url and self.forward_proxy_key is None:
+            raise ValueError("forward_proxy_url needs forward_proxy_key")
+        return self
+
+    def host_ports(self) -> list[int]:
+        """The host ports sandboxes may connect to: the allowed ones and the forward proxy's."""
+        proxy_port = urlsplit(self.forward_proxy_url).port if self.forward_proxy_url else None
+        return sorted({*self.allowed_host_ports, *([proxy_port] if proxy_port else [])})
 
 
 @contextmanager
@@ -168,9 +199,26 @@ class DockerProvider(Provider):
             return
         with _map_docker_errors():
             docker_isolation.install(
-                self.client, config.image, config.network, config.allowed_host_ports, config.allowed_destinations
+                self.client, config.image, config.network, config.host_ports(), config.allowed_destinations
             )
         self._isolated = True
+
+    def _egress_env(self, spec: SandboxSpec) -> dict[str, str]:
+        """The proxy variables that send the sandbox's traffic through the forward proxy with its pass."""
+        config = self.config
+        if not (config.forward_proxy_url and config.forward_proxy_key):
+            if spec.egress:
+                raise InvalidRequest(
+                    "sandbox.egress: this worker has no forward proxy for Docker sandboxes (docker.forward_proxy_url)",
+                    field="sandbox.egress",
+                )
+            return {}
+        allow = [*config.egress_always, *spec.egress]
+        token = docker_egress.mint(config.forward_proxy_key, allow, time.time() + spec.ttl_seconds)
+        url = docker_egress.proxy_url(config.forward_proxy_url, token)
+        no_proxy = ",".join(config.no_proxy)
+        return {"HTTPS_PROXY": url, "HTTP_PROXY": url, "https_proxy": url, "http_proxy": url, "NO_PROXY": no_proxy,
+                "no_proxy": no_proxy}  # fmt: skip
 
     def _limits(self, spec: SandboxSpec) -> dict[str, Any]:
         config = self.config
@@ -202,7 +250,7 @@ class DockerProvider(Provider):
             "auto_remove": True,
             "command": [],
             "labels": dict(spec.labels),
-            "environment": dict(spec.env),
+            "environment": {**spec.env, **self._egress_env(spec)},
             "ports": {f"{port}/tcp": (self.config.publish_host, None) for port in spec.ports},
             **self._limits(spec),
         }

@@ -7,8 +7,11 @@ The same probes on the engine's default bridge without isolation come out open: 
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import os
 import shutil
-import socketserver
+import socket
 import subprocess
 import threading
 import uuid
@@ -17,14 +20,17 @@ from dataclasses import dataclass
 
 import docker
 import pytest
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from providers.base import LABEL_OWNER, Sandbox, SandboxSpec
 from providers.docker import DockerConfig, DockerProvider
-from tests.conftest import OWNER, SANDBOX_NETWORK, wait_for
+from tests.conftest import OWNER, ROOT, SANDBOX_NETWORK, wait_for
 from tests.standins.credentials import bridge_address
 from tests.standins.server import free_port
 from worker import daemon
 from worker.config import Settings
+from worker.errors import InvalidRequest
 from worker.models import InstallMode
 
 pytestmark = pytest.mark.integration
@@ -42,9 +48,14 @@ PROBE = (
 )
 
 
-class _Accept(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        self.request.sendall(b"host service\n")
+class _Service(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 @dataclass
@@ -62,7 +73,7 @@ def host_services(docker_client: docker.DockerClient) -> Iterator[HostServices]:
     services = HostServices(bridge, free_port(), free_port())
     subprocess.run(["ip", "addr", "add", f"{METADATA}/32", "dev", "lo"], check=True)
     servers = [
-        socketserver.ThreadingTCPServer((host, port), _Accept)
+        http.server.ThreadingHTTPServer((host, port), _Service)
         for host, port in [(bridge, services.allowed), (bridge, services.closed), (METADATA, services.allowed)]
     ]
     for server in servers:
@@ -198,5 +209,82 @@ def test_an_unprivileged_host_user_cannot_read_the_daemon_token(isolated: Pair) 
     assert found == "-"
 
     marker = f"marker-{uuid.uuid4().hex}"
-    isolated.driver.spawn(isolated.target, ["sh", "-c", "sleep 600; :", marker], env={}, cwd="/workspace", log_path="/dev/null")
-    assert _as_nobody(marker)[1].endswith("/cmdline")
+    isolated.driver.spawn(
+        isolated.target, ["sh", "-c", "sleep 600; :", marker], env={}, cwd="/workspace", log_path="/dev/null"
+    )
+    found_marker = wait_for(lambda: _as_nobody(marker)[1].removesuffix("-"), 10, what="the marker")
+    assert found_marker.endswith("/cmdline")
+
+
+# From inside a sandbox: GET http://host:port/ through $http_proxy (urllib honours it), and the same through a
+# CONNECT tunnel opened by hand; prints each status (or the error).
+FETCH = """
+import base64, os, socket, sys, urllib.error, urllib.parse, urllib.request
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    print(urllib.request.urlopen(f"http://{host}:{port}/", timeout=10).status, end=" ")
+except urllib.error.HTTPError as exc:
+    print(exc.code, end=" ")
+proxy = urllib.parse.urlsplit(os.environ["https_proxy"])
+auth = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
+with socket.create_connection((proxy.hostname, proxy.port), timeout=10) as sock:
+    sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\\r\\nProxy-Authorization: Basic {auth}\\r\\n\\r\\n".encode())
+    print(sock.recv(4096).split(b" ")[1].decode())
+"""
+
+
+@pytest.fixture(scope="module")
+def forward_proxy(host_services: HostServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The real `sandbox-worker forward-proxy` on the bridge address. Its destinations here are host services on
+    the bridge, so it may connect to private addresses (--allow-private)."""
+    key, port = Fernet.generate_key().decode(), free_port(host_services.bridge)
+    argv = [str(ROOT / ".venv/bin/sandbox-worker"), "forward-proxy", "--host", host_services.bridge]
+    argv += ["--port", str(port), "--allow-private"]
+    log = (tmp_path_factory.mktemp("forward-proxy") / "proxy.log").open("wb")
+    env = {**os.environ, "SANDBOX_WORKER_DOCKER__FORWARD_PROXY_KEY": key}
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_for(lambda: _listening(host_services.bridge, port), 20, what="the forward proxy")
+        yield f"http://{host_services.bridge}:{port}", key
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def test_the_egress_allow_list_lets_through_only_what_it_lists(
+    forward_proxy: tuple[str, str], host_services: HostServices
+) -> None:
+    """A sandbox whose request lists one destination reaches it through the forward proxy (plain HTTP and a
+    CONNECT tunnel), not an unlisted one (403), and not the listed one directly; a request with an egress list
+    on a worker without a forward proxy is refused naming the field, before any sandbox exists."""
+    url, key = forward_proxy
+    bridge, listed, unlisted = host_services.bridge, host_services.closed, host_services.allowed
+    config = DockerConfig(
+        network=SANDBOX_NETWORK, forward_proxy_url=url, forward_proxy_key=SecretStr(key), egress_always=[]
+    )
+    driver = DockerProvider(config)
+    spec = SandboxSpec(image=None, labels={LABEL_OWNER: OWNER}, ttl_seconds=300, egress=(f"{bridge}:{listed}",))
+    sandbox = driver.start(spec)
+    try:
+        fetch = ["python3", "-c", FETCH, bridge]
+        assert driver.exec(sandbox, [*fetch, str(listed)], timeout=30).stdout.split() == ["200", "200"]
+        assert driver.exec(sandbox, [*fetch, str(unlisted)], timeout=30).stdout.split() == ["403", "403"]
+        assert _probe(driver, sandbox, bridge, listed) == "CLOSED"
+    finally:
+        driver.stop(sandbox.sandbox_id)
+        driver.close()
+
+    unconfigured = DockerProvider(DockerConfig(network=SANDBOX_NETWORK))
+    before = {c.id for c in unconfigured.client.containers.list(all=True)}
+    with pytest.raises(InvalidRequest) as refused:
+        unconfigured.start(spec)
+    assert refused.value.field == "sandbox.egress"
+    assert {c.id for c in unconfigured.client.containers.list(all=True)} == before
+    unconfigured.close()

@@ -13,6 +13,7 @@ SDK only inside the functions that call it, so loading the settings never needs 
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,15 @@ LABEL_EXPIRES_AT = "sandbox-worker-expires-at"
 
 # The exit code of a command killed at its deadline (SIGKILL: `timeout -s KILL` and Daytona's daemon alike).
 EXIT_KILLED_AT_TIMEOUT = 137
+
+
+def egress_network(entry: str) -> str | None:
+    """The IPv4 network an egress entry names (an address or CIDR with no port), or None for a host name, a
+    wildcard or an entry with a port: for providers whose allow-lists take networks only."""
+    try:
+        return str(ipaddress.IPv4Network(entry, strict=False))
+    except ValueError:
+        return None
 
 
 class ProviderConfig(BaseModel):

@@ -10,7 +10,8 @@ driver starts (idempotent, so every worker sharing the engine must share these s
   ``allowed_host_ports`` on any other host address (the egress proxy, a local LLM endpoint), nothing else: no DNS, no ssh, no Redis, no engine API.
 * ``SWF-<id>``, jumped to from ``DOCKER-USER`` (Docker's place for operator rules in ``FORWARD``) for
   packets from the bridge: replies, never another sandbox, never link-local (169.254.0.0/16, the cloud
-  metadata service), then ``allowed_destinations`` (``CIDR`` or ``CIDR:port``), nothing else.
+  metadata service), then connections to an allowed host port that the engine forwards to a container (a
+  published port), then ``allowed_destinations`` (``CIDR`` or ``CIDR:port``), nothing else.
 
 Who installs them: the driver, through a short-lived helper container (the host's PID and network
 namespaces, the few capabilities ``nsenter`` and ``iptables`` need) that enters the mount and network
@@ -81,6 +82,12 @@ def rules_script(network: str, allowed_host_ports: Sequence[int], allowed_destin
         f"ipt -A {forward} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         f"ipt -A {forward} -o {bridge} -j DROP",
         f"ipt -A {forward} -d {LINK_LOCAL} -j DROP",
+        # An allowed host port the engine forwards to a container (a published port, e.g. the egress proxy run by
+        # compose) arrives here after DNAT: allow it by the port the sandbox asked for.
+        *(
+            f"ipt -A {forward} -p tcp -m conntrack --ctstate DNAT --ctorigdstport {port} -j ACCEPT"
+            for port in allowed_host_ports
+        ),
     ]
     for destination in allowed_destinations:
         cidr, port = parse_destination(destination)

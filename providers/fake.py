@@ -34,6 +34,8 @@ from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandb
 from worker import pins
 from worker.errors import SandboxGone
 
+_FRONT_TOKEN_ENV = "SANDBOX_WORKER_DAEMON_TOKEN"  # noqa: S105 - worker.daemon.FRONT_TOKEN_ENV, a variable name
+
 
 class FakeConfig(ProviderConfig):
     """Nothing to configure."""
@@ -206,9 +208,11 @@ class FakeProvider(Provider):
     def spawn(self, sandbox: Sandbox, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
         self._call("spawn")
         self._live(sandbox.sandbox_id)
-        token = next(arg.partition("=")[2] for arg in argv if arg.startswith("--token="))
-        self.daemons.tokens[sandbox.sandbox_id] = token
-        self.daemons.env[sandbox.sandbox_id] = dict(env)
+        # worker.daemon starts the daemon, then its front, which alone holds the token (in FRONT_TOKEN_ENV).
+        if _FRONT_TOKEN_ENV in env:
+            self.daemons.tokens[sandbox.sandbox_id] = env[_FRONT_TOKEN_ENV]
+        else:
+            self.daemons.env[sandbox.sandbox_id] = dict(env)
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         self._call("upload")

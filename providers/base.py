@@ -82,9 +82,10 @@ class Sandbox:
     sandbox_id: str
     labels: Mapping[str, str] = field(default_factory=dict)
     state: str = "running"
-    # The sandbox's address on its private network, as other hosts see its connections (Docker: its address on
-    # the sandbox network), for binding what it was given to it; None where the provider does not say.
-    private_ip: str | None = None
+    # The address the sandbox's traffic comes from on the host's private network (Docker), when the provider
+    # has one: the egress proxy accepts a vault placeholder only from it. None where traffic leaves through the
+    # provider's egress (E2B, Daytona).
+    private_address: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

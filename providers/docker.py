@@ -181,15 +181,16 @@ class DockerProvider(Provider):
         with _map_docker_errors(sandbox_id):
             return self.client.containers.get(sandbox_id)
 
-    def _sandbox(self, container: Container) -> Sandbox:
-        networks = container.attrs.get("NetworkSettings", {}).get("Networks") or {}
-        address = (networks.get(self.config.network or "bridge") or {}).get("IPAddress") or None
+    @staticmethod
+    def _sandbox(container: Container) -> Sandbox:
+        networks = (container.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        address = next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), None)
         return Sandbox(
             provider="docker",
             sandbox_id=container.id,
             labels=dict(container.labels),
             state=container.status,
-            private_ip=address,
+            private_address=address,
         )
 
     def _isolate(self) -> None:

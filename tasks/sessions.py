@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Task
 
+from tasks import RedactedTask
 from worker import runtime
 from worker.celery_app import CREATE_SESSION, TERMINATE_SESSION, app
 from worker.config import get_settings
@@ -15,7 +16,7 @@ from worker.retries import BUSY_COUNTDOWN, RetryLater, RetryPolicy
 
 
 # max_retries=None: the retry policy (worker/retries.py) decides, from the settings.
-@app.task(bind=True, name=CREATE_SESSION, max_retries=None)
+@app.task(bind=True, name=CREATE_SESSION, max_retries=None, base=RedactedTask)
 def create_session(self: Task, request: dict[str, Any], busy: int = 0) -> dict[str, Any]:
     """Bring up the session ``request`` asks for (a SessionRequest as a JSON object). The session record is what
     clients read; the task's own result is a copy. ``busy`` counts the retries spent as a duplicate, asking again

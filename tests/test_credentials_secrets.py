@@ -13,16 +13,17 @@ import redis as redis_lib
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from tests.conftest import ROOT, VENV_BIN
+from tests.conftest import ROOT, VENV_BIN, RedisServer
 from tests.standins.gateways import LiteLLMStandIn
 from tests.standins.server import ThreadedServer
 from worker.config import Settings
 from worker.credentials.base import NO_CREDENTIALS, CredentialGrant
 from worker.credentials.broker import CredentialBroker, build_broker
+from worker.credentials.vault import Vault, VaultCredential, VaultStore
 from worker.errors import ConfigurationError, CredentialError, InvalidRequest
-from worker.models import CredentialsSpec, LLMProvider, SessionRequest, Strategy
+from worker.models import CredentialsSpec, LLMProvider, SessionRequest, SessionState, Strategy
 from worker.secret_store import SecretStore
-from worker.store import Cipher, Store
+from worker.store import Cipher, Rekey, Store
 
 # Every test here uses Redis (the store, the secret store, the gateways' mint locks).
 pytestmark = pytest.mark.integration
@@ -222,3 +223,60 @@ def test_tenant_and_vault_commands(base_env: dict[str, str], store: SecretStore)
     assert store.default(name) is None and store.sealed_names("vault", name) == []
     for result in (created, removed):
         assert token not in result.stdout + result.stderr
+
+
+def test_rotating_the_fernet_key_loses_no_secret(redis_server: RedisServer, base_env: dict[str, str]) -> None:
+    """Secrets, sealed vaults and session records' daemon tokens and headers written under key A: with the setting
+    "B,A" they still decrypt, `secrets rekey` re-encrypts all of them with B (again: nothing to do), and then B
+    alone opens everything, A nothing; a record's expiry is kept. A value no configured key opens fails the command,
+    naming where it is, and a value changed meanwhile is left alone."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of its own: rekey scans every key
+    client = redis_lib.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    old, new, other = (Fernet.generate_key().decode() for _ in range(3))
+
+    def stores(key: str) -> tuple[Store, SecretStore, VaultStore]:
+        store = Store(client, Cipher(SecretStr(key)))
+        secrets = SecretStore.from_store(store)
+        return store, secrets, VaultStore(secrets)
+
+    store, secrets, vaults = stores(old)
+    name = tenant()
+    secrets.put(name, "anthropic", SecretStr(VALUE))
+    credential = VaultCredential(name="key", token=SecretStr("sk-ant-vault-" + "v" * 20))
+    vaults.create(name, Vault(name="llm", metadata={"role": "llm", "engine": "claude"}, credentials=[credential]))
+    request = SessionRequest(tenant_id=name, agent="mock", provider="docker")
+    record = store.create(request)
+    record.daemon_token = store.cipher.encrypt(SecretStr("daemon-token-" + "d" * 20))
+    record.daemon_headers = store.seal_headers({"X-Edge-Token": "edge-" + "e" * 20})
+    record.result.state = SessionState.failed
+    store.put(record)
+    env = {**base_env, "SANDBOX_WORKER_REDIS_URL": url, "SANDBOX_WORKER_FERNET_KEY": f"{new},{old}"}
+
+    assert stores(f"{new},{old}")[1].get(name, "anthropic").get_secret_value() == VALUE
+    first = cli(["secrets", "rekey", "--json"], env)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"rotated": 4, "current": 0, "raced": 0, "unreadable": []}
+    again = cli(["secrets", "rekey", "--json"], env)
+    assert json.loads(again.stdout) == {"rotated": 0, "current": 4, "raced": 0, "unreadable": []}
+
+    store, secrets, vaults = stores(new)
+    assert secrets.get(name, "anthropic").get_secret_value() == VALUE
+    vault = vaults.get(name, "llm")
+    assert vault is not None and vault.credentials[0].token.get_secret_value() == credential.token.get_secret_value()
+    kept = store.get(request.request_id)
+    assert kept is not None
+    assert store.token_of(kept) == SecretStr("daemon-token-" + "d" * 20)
+    assert store.headers_of(kept)["X-Edge-Token"].get_secret_value() == "edge-" + "e" * 20
+    assert 0 < client.ttl(f"sw:session:{request.request_id}") <= store.retention_seconds
+    with pytest.raises(ConfigurationError):
+        stores(old)[1].get(name, "anthropic")
+
+    stores(other)[1].put(name, "stray", SecretStr(VALUE))
+    stray = cli(["secrets", "rekey"], env)
+    assert stray.returncode == 1
+    assert f"no configured Fernet key decrypts sw:secrets:{name} stray (field fernet_key)" in stray.stderr
+    rekey = Rekey(client, Cipher(SecretStr(new)))
+    rekey.set_if_unchanged(f"sw:session:{request.request_id}", "what it was before a worker wrote", "{}")
+    assert rekey.raced == 1 and store.get(request.request_id) is not None
+    client.flushdb()

@@ -12,7 +12,7 @@ import docker
 import pytest
 from pydantic import SecretStr
 
-from tests.standins.credentials import CredentialStack, bring_up, fail
+from tests.standins.credentials import SUBSCRIPTION_TENANT, CredentialStack, bring_up, fail
 from worker.models import CredentialsSpec, Strategy
 
 pytestmark = pytest.mark.integration
@@ -59,18 +59,26 @@ def test_shared_key_for_an_allowed_tenant(credential_stack: CredentialStack, ses
     session_client.terminate(request["request_id"])
 
 
-def test_shared_key_refused_for_other_tenants(credential_stack: CredentialStack, session_client: Any) -> None:
-    """A tenant not listed in the settings cannot use the shared key: a clear credentials error, no sandbox."""
-    request = credential_stack.request("claude", {"strategy": "shared"}, tenant="customer-1")
+@pytest.mark.parametrize(
+    ("strategy", "what"),
+    [("shared", "the shared org key"), ("subscription", "the worker host's subscription")],
+)
+def test_operator_credentials_refused_for_unlisted_tenants(
+    credential_stack: CredentialStack, session_client: Any, strategy: str, what: str
+) -> None:
+    """A tenant not listed in the settings cannot use the org key or the host owner's login: a clear credentials
+    error naming the tenant and the setting, no sandbox."""
+    request = credential_stack.request("claude", {"strategy": strategy}, tenant="customer-1")
     error = fail(session_client, request)
     assert (error.code, error.field) == ("credentials", "credentials.strategy")
-    assert "customer-1 may not use the shared org key" in error.message
+    assert f"customer-1 may not use {what} (only the tenants in credentials.{strategy}.tenants may)" in error.message
+    assert session_client.status(request["request_id"]).sandbox_id is None
 
 
 def test_subscription_oauth_goes_as_an_oauth_token(credential_stack: CredentialStack, session_client: Any) -> None:
     """The host's Claude login reaches the agent as CLAUDE_CODE_OAUTH_TOKEN, never as an API key, and works."""
     stack = credential_stack
-    request = stack.request("claude", {"strategy": "subscription"})
+    request = stack.request("claude", {"strategy": "subscription"}, tenant=SUBSCRIPTION_TENANT)
 
     session = bring_up(session_client, request)
 
@@ -88,7 +96,7 @@ def test_subscription_chatgpt_login_goes_as_the_agents_file(
 ) -> None:
     """The host's Codex login reaches the sandbox as ~/.codex/auth.json, mode 0600, without its refresh token."""
     stack = credential_stack
-    request = stack.request("codex", {"strategy": "subscription"})
+    request = stack.request("codex", {"strategy": "subscription"}, tenant=SUBSCRIPTION_TENANT)
 
     session = bring_up(session_client, request)
 

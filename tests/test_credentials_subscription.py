@@ -12,7 +12,7 @@ import pytest
 
 from tests.standins.credentials import fake_jwt
 from worker.credentials.settings import ProviderURLs
-from worker.credentials.subscription import PersonalSubscription, discover
+from worker.credentials.subscription import PersonalSubscription, SubscriptionSettings, discover
 from worker.errors import CredentialError
 from worker.models import LLMProvider, SessionRequest
 
@@ -34,10 +34,25 @@ def claude_login(home: Path, expires_in: float = HOUR) -> None:
     write(home, ".claude/.credentials.json", {"claudeAiOauth": oauth})
 
 
-def grant(home: Path, agent: str, *, urls: ProviderURLs | None = None, min_validity: float = 300) -> Any:
-    strategy = PersonalSubscription(home, min_validity, urls or ProviderURLs())
-    request = SessionRequest(tenant_id="me", agent=agent, provider="docker", credentials={"strategy": "subscription"})
+def grant(
+    home: Path, agent: str, *, urls: ProviderURLs | None = None, min_validity: int = 300, tenant: str = "me"
+) -> Any:
+    settings = SubscriptionSettings(home=home, min_validity_seconds=min_validity, tenants=frozenset({"me"}))
+    strategy = PersonalSubscription(home, settings, urls or ProviderURLs())
+    request = SessionRequest(tenant_id=tenant, agent=agent, provider="docker", credentials={"strategy": "subscription"})
     return strategy.grant(request)
+
+
+def test_only_listed_tenants_get_the_host_login(tmp_path: Path) -> None:
+    """The host owner's login goes to the tenants the operator lists, none by default: another tenant is refused
+    naming it and the setting, before any file is read."""
+    claude_login(tmp_path)
+    with pytest.raises(CredentialError) as refused:
+        grant(tmp_path, "claude", tenant="acme")
+    assert refused.value.field == "credentials.strategy"
+    assert "tenant acme may not use the worker host's subscription" in refused.value.message
+    assert "credentials.subscription.tenants" in refused.value.message
+    assert SubscriptionSettings().tenants == frozenset()
 
 
 def test_claude_oauth_goes_as_oauth_token_with_the_base_url(tmp_path: Path) -> None:

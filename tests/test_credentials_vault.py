@@ -5,6 +5,10 @@ the real credential."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +21,8 @@ import pytest
 import redis as redis_lib
 from pydantic import SecretStr
 
-from tests.standins.credentials import CredentialStack, bring_up, fail
+from tests.conftest import VENV_BIN
+from tests.standins.credentials import CredentialStack, EgressProxyProcess, bring_up, fail
 from tests.standins.llm_upstream import LLMUpstream
 from tests.standins.server import ThreadedServer
 from worker.config import Settings
@@ -30,9 +35,9 @@ from worker.credentials.vault import (
     VaultStore,
     VaultStrategy,
 )
-from worker.egress_proxy import Masker, build_app
+from worker.egress_proxy import Masker
 from worker.errors import CredentialError, InvalidRequest
-from worker.models import SessionRequest
+from worker.models import SessionRequest, SessionState
 from worker.redaction import MASK
 from worker.secret_store import SecretStore
 from worker.store import Store
@@ -197,34 +202,63 @@ class Proxy:
     def post(self, path: str, *, host: str | None = None, **kwargs: Any) -> httpx.Response:
         return httpx.post(f"{self.url}/{host or self.upstream_host}{path}", timeout=10, **kwargs)
 
+    def raw(self, method: str, path: str) -> tuple[int, str]:
+        """``method path`` sent exactly as written (httpx would resolve dot segments), with the placeholder."""
+        connection = http.client.HTTPConnection(self.url.removeprefix("http://"), timeout=10)
+        try:
+            body = b"{}" if method in ("POST", "PUT", "PATCH") else None
+            connection.request(
+                method, f"/{self.upstream_host}{path}", body=body, headers={"x-api-key": self.placeholder}
+            )
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
 
-@pytest.fixture
-def proxy(setup: VaultSetup) -> Iterator[Proxy]:
-    """The egress proxy app served in process, a loopback upstream, and a live placeholder for it."""
+
+@pytest.fixture(scope="module")
+def proxy_process(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressProxyProcess]:
+    """The real ``sandbox-worker egress-proxy`` process on loopback, for the upstreams below (plain http allowed)."""
+    env = {**base_env, "SANDBOX_WORKER_CREDENTIALS__EGRESS__ALLOW_HTTP_UPSTREAMS": "true"}
+    process = EgressProxyProcess(env, "127.0.0.1", tmp_path_factory.mktemp("proxy") / "proxy.log").start()
+    yield process
+    process.stop()
+
+
+def _proxy(setup: VaultSetup, proxy_process: EgressProxyProcess, engine: str, base_path: str) -> Iterator[Proxy]:
+    """A recording loopback upstream behind the proxy process, a vault of ``engine`` pointing at it, and a live
+    placeholder for it."""
     upstream = LLMUpstream(accepted={REAL})
     with ThreadedServer(upstream.app()) as upstream_server:
-        settings = Settings(credentials={"egress": {"allow_http_upstreams": True}})
-        setup.vaults.create(setup.tenant, llm_vault(url=upstream_server.url))
-        request = session_request(setup.tenant, ["llm"])
-        grant = VaultStrategy(
-            setup.vaults,
-            Placeholders(setup.secrets),
-            settings.credentials.egress.model_copy(update={"public_url": "http://unused"}),
-        ).grant(request)
-        with ThreadedServer(build_app(settings, setup.secrets)) as proxy_server:
-            host = upstream_server.url.removeprefix("http://")
-            yield Proxy(
-                proxy_server.url, upstream, host, grant.env["ANTHROPIC_API_KEY"].get_secret_value(), request, setup
-            )
+        setup.vaults.create(setup.tenant, llm_vault(engine, engine=engine, url=upstream_server.url + base_path))
+        request = session_request(setup.tenant, [engine], agent=engine)
+        grant = setup.strategy.grant(request)
+        placeholder = next(iter(grant.env.values())).get_secret_value()
+        host = upstream_server.url.removeprefix("http://")
+        yield Proxy(proxy_process.url, upstream, host, placeholder, request, setup)
+
+
+@pytest.fixture
+def proxy(setup: VaultSetup, proxy_process: EgressProxyProcess) -> Iterator[Proxy]:
+    """A claude vault's placeholder (Anthropic API at the upstream's root) through the real proxy process."""
+    setup.strategy.egress = setup.strategy.egress.model_copy(update={"allow_http_upstreams": True})
+    yield from _proxy(setup, proxy_process, "claude", "")
+
+
+@pytest.fixture
+def codex_proxy(setup: VaultSetup, proxy_process: EgressProxyProcess) -> Iterator[Proxy]:
+    """A codex vault's placeholder (an OpenAI-compatible API under /api/v1, as OpenRouter serves it)."""
+    setup.strategy.egress = setup.strategy.egress.model_copy(update={"allow_http_upstreams": True})
+    yield from _proxy(setup, proxy_process, "codex", "/api/v1")
 
 
 def test_proxy_swaps_in_the_real_credential(proxy: Proxy) -> None:
     """x-api-key and bearer placeholders both reach the upstream as the real credential, query intact."""
-    by_key = proxy.post("/v1/messages?beta=1", headers={"x-api-key": proxy.placeholder}, json={"m": 1})
-    by_bearer = proxy.post("/v1/chat/completions", headers={"Authorization": f"Bearer {proxy.placeholder}"}, json={})
+    by_key = proxy.post("/v1/messages?beta=true", headers={"x-api-key": proxy.placeholder}, json={"m": 1})
+    by_bearer = proxy.post("/v1/messages", headers={"Authorization": f"Bearer {proxy.placeholder}"}, json={})
     assert (by_key.status_code, by_bearer.status_code) == (200, 200)
     assert [(c.credential, c.scheme) for c in proxy.upstream.calls] == [(REAL, "x-api-key"), (REAL, "bearer")]
-    assert proxy.upstream.calls[0].body == {"m": 1}
+    assert (proxy.upstream.calls[0].body, proxy.upstream.calls[0].query) == ({"m": 1}, "beta=true")
     assert "pong" in by_key.text
 
 
@@ -234,7 +268,7 @@ def test_proxy_streams_sse_unbuffered(proxy: Proxy) -> None:
     arrivals = []
     with httpx.stream(
         "POST",
-        f"{proxy.url}/{proxy.upstream_host}/v1/stream?count=3&pause=0.6",
+        f"{proxy.url}/{proxy.upstream_host}/v1/messages?stream=3&pause=0.6",
         headers={"x-api-key": proxy.placeholder},
         json={},
         timeout=10,
@@ -250,7 +284,7 @@ def test_proxy_streams_sse_unbuffered(proxy: Proxy) -> None:
 
 def test_proxy_masks_an_upstream_echo_of_the_credential(proxy: Proxy) -> None:
     """An upstream that echoes the credential back has it masked in body and headers."""
-    response = httpx.get(f"{proxy.url}/{proxy.upstream_host}/v1/echo", headers={"x-api-key": proxy.placeholder})
+    response = proxy.post("/v1/messages?echo=1", headers={"x-api-key": proxy.placeholder}, json={})
     assert response.json() == {"you_sent": MASK}
     assert response.headers["x-echo"] == MASK
 
@@ -265,13 +299,65 @@ def test_proxy_refuses_other_hosts_dead_and_missing_placeholders(proxy: Proxy) -
     unknown = proxy.post("/v1/messages", headers={"x-api-key": "swph-" + "z" * 43}, json={})
     assert (other.status_code, other_port.status_code, missing.status_code, unknown.status_code) == (403, 403, 401, 403)
     assert "valid for" in other.json()["error"]["message"]
-    proxy.setup.vaults.delete(proxy.setup.tenant, "llm")
+    proxy.setup.vaults.delete(proxy.setup.tenant, "claude")
     assert proxy.post("/v1/messages", headers=headers, json={}).status_code == 403
-    proxy.setup.vaults.create(proxy.setup.tenant, llm_vault(url=f"http://{proxy.upstream_host}"))
+    proxy.setup.vaults.create(proxy.setup.tenant, llm_vault("claude", url=f"http://{proxy.upstream_host}"))
     assert proxy.post("/v1/messages", headers=headers, json={}).status_code == 200
     proxy.setup.strategy.placeholders.release(proxy.request.request_id)
     assert proxy.post("/v1/messages", headers=headers, json={}).status_code == 403
     assert len(proxy.upstream.calls) == 1
+
+
+NOT_MODEL_API = [
+    ("GET", "/v1/messages"),
+    ("GET", "/v1/models"),
+    ("DELETE", "/v1/messages"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/file_1/content"),
+    ("POST", "/v1/messages/batches"),
+    ("GET", "/v1/organizations/api_keys"),
+    ("POST", "/v1/organizations/invites"),
+    ("POST", "/v1/messages/../files"),
+    ("POST", "/v1/messages/%2e%2e/files"),
+    ("POST", "/v1/messages%2F..%2Ffiles"),
+    ("POST", "/v1/%6Dessages"),
+    ("POST", "/v1//messages"),
+    ("POST", "/v1/messages/"),
+    ("POST", "/./v1/messages"),
+    ("POST", "/v1/messages;/files"),
+    ("POST", "/v1/files?to=/v1/messages"),
+    ("POST", "/v1/messages%3F/../../v1/files"),
+    ("POST", "/v1/responses"),  # another engine's route
+]
+
+
+def test_proxy_forwards_only_the_model_api(proxy: Proxy, codex_proxy: Proxy) -> None:
+    """Each engine's model routes go through; any other method or path (files, batches, admin routes, dot segments,
+    encoded traversal, query tricks) is refused with 403 naming what is served, and never reaches the upstream."""
+    for method, path in NOT_MODEL_API:
+        status, body = proxy.raw(method, path)
+        assert status == 403, (method, path, body)
+        assert "is not a model API route" in body and "POST /v1/messages" in body, body
+    assert proxy.upstream.calls == []
+    assert proxy.raw("POST", "/v1/messages/count_tokens")[0] == 404  # reached the upstream (no such stand-in route)
+    assert [(c.method, c.path, c.credential) for c in proxy.upstream.calls] == [
+        ("POST", "/v1/messages/count_tokens", REAL)
+    ]
+
+    for method, path in [("POST", "/api/v1/files"), ("POST", "/v1/chat/completions"), ("POST", "/api/v1/messages")]:
+        assert codex_proxy.raw(method, path)[0] == 403, (method, path)
+    assert codex_proxy.upstream.calls == []
+    for method, path in [
+        ("POST", "/api/v1/responses"),
+        ("POST", "/api/v1/chat/completions"),
+        ("GET", "/api/v1/models"),
+    ]:
+        codex_proxy.raw(method, path)
+    assert [(c.method, c.path) for c in codex_proxy.upstream.calls] == [
+        ("POST", "/api/v1/responses"),
+        ("POST", "/api/v1/chat/completions"),
+        ("GET", "/api/v1/models"),
+    ]
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
@@ -282,6 +368,30 @@ def _holds(stream: Iterator[bytes], needle: bytes) -> bool:
             return True
         tail = (tail + chunk)[-len(needle) :]
     return False
+
+
+def _placeholder(container: Any) -> str:
+    """The placeholder in the environment of the sandbox's daemon."""
+    environ = container.exec_run(["sh", "-c", "cat /proc/*/environ"]).output
+    found = next(part for part in environ.split(b"\0") if part.startswith(b"ANTHROPIC_API_KEY="))
+    placeholder = found.split(b"=", 1)[1].decode()
+    assert placeholder.startswith("swph-")
+    return placeholder
+
+
+def _post_from_container(client: docker.DockerClient, image: str, url: str, placeholder: str) -> str:
+    """POST ``url`` with ``placeholder`` from a fresh container (another sandbox's address): "<status> <body>"."""
+    script = (
+        "import urllib.error, urllib.request\n"
+        f"request = urllib.request.Request({url!r}, data=b'{{}}', headers={{'x-api-key': {placeholder!r}}})\n"
+        "try:\n"
+        "    response = urllib.request.urlopen(request, timeout=10)\n"
+        "    print(response.status, response.read().decode())\n"
+        "except urllib.error.HTTPError as error:\n"
+        "    print(error.code, error.read().decode())\n"
+    )
+    output: bytes = client.containers.run(image, entrypoint=["python3", "-c", script], remove=True)
+    return output.decode()
 
 
 @pytest.mark.integration
@@ -312,21 +422,63 @@ def test_sandbox_reaches_its_llm_through_the_proxy_without_the_credential(
     container = docker_client.containers.get(session.result.sandbox_id)
     environ = container.exec_run(["sh", "-c", "cat /proc/*/environ"]).output
     cmdlines = container.exec_run(["sh", "-c", "cat /proc/*/cmdline"]).output
-    placeholder = next(
-        part.split(b"=", 1)[1] for part in environ.split(b"\0") if part.startswith(b"ANTHROPIC_API_KEY=")
-    ).decode()
-    assert placeholder.startswith("swph-")
+    placeholder = _placeholder(container)
     assert real not in environ and real not in cmdlines
     assert real not in repr(container.attrs).encode()
     assert not _holds(container.export(chunk_size=1 << 20), real)
 
+    # Bound to its sandbox: the same placeholder, for the same model route, from the host or another container
+    # is refused without reaching the upstream.
+    calls = len(stack.vault_api.calls)
+    model_url = f"{stack.proxy.url}/{upstream_host}/v1/messages"
+    from_host = httpx.post(model_url, headers={"x-api-key": placeholder}, json={})
+    assert from_host.status_code == 403
+    assert "only from the sandbox it was issued to" in from_host.json()["error"]["message"]
+    assert _post_from_container(docker_client, stack.image, model_url, placeholder).startswith("403 ")
     other = httpx.post(f"{stack.proxy.url}/api.anthropic.com/v1/messages", headers={"x-api-key": placeholder}, json={})
     assert other.status_code == 403
-    calls = len(stack.vault_api.calls)
+    assert len(stack.vault_api.calls) == calls
     session_client.terminate(request["request_id"])
     dead = httpx.post(f"{stack.proxy.url}/{upstream_host}/v1/messages", headers={"x-api-key": placeholder}, json={})
     assert dead.status_code == 403
     assert len(stack.vault_api.calls) == calls
+
+
+@pytest.mark.integration
+def test_a_placeholder_dies_with_its_sandbox(
+    credential_stack: CredentialStack, session_client: Any, docker_client: docker.DockerClient
+) -> None:
+    """A ready vault session whose container is removed behind the worker's back: one reaper pass (the real `reap`
+    command) ends it failed with sandbox_gone and releases its placeholder, which the proxy then refuses as dead."""
+    stack = credential_stack
+    assert stack.proxy is not None
+    request = stack.request("claude", {"strategy": "vault", "vaults": ["anthropic"]})
+    vault = llm_vault("anthropic", url=stack.urls["vault_api"], token=stack.values["vault"])
+    VaultStore(stack.secret_store()).create(request["tenant_id"], vault)
+    session = bring_up(session_client, request)
+    placeholder = _placeholder(docker_client.containers.get(session.result.sandbox_id))
+    placeholders = Placeholders(stack.secret_store())
+    assert placeholders.lookup(placeholder) is not None
+
+    docker_client.containers.get(session.result.sandbox_id).remove(force=True)
+    reap = subprocess.run(
+        [str(VENV_BIN / "sandbox-worker"), "reap", "--json"],
+        env={**os.environ, **stack.base_env, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+    done = {(item["action"], item["request_id"], item["done"]) for item in json.loads(reap.stdout)}
+    assert ("end", request["request_id"], True) in done, reap.stdout
+    result = session_client.status(request["request_id"])
+    assert result.state is SessionState.failed and result.error is not None
+    assert result.error.code == "sandbox_gone" and session.result.sandbox_id in result.error.message
+    assert placeholders.lookup(placeholder) is None
+    upstream_host = stack.urls["vault_api"].removeprefix("http://")
+    dead = httpx.post(f"{stack.proxy.url}/{upstream_host}/v1/messages", headers={"x-api-key": placeholder}, json={})
+    assert dead.status_code == 403 and "its session has ended" in dead.json()["error"]["message"]
 
 
 @pytest.mark.integration

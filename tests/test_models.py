@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import InvalidRequest
-from worker.models import SessionRequest, SessionResult, SessionState, parse_request
+from worker.models import SessionRequest, SessionResult, SessionState, env_denied, parse_request
 
 SCHEMA = Path(__file__).resolve().parent.parent / "docs" / "session-request.schema.json"
 
@@ -68,3 +68,35 @@ def test_configuration_reference_matches_the_settings() -> None:
     from worker.config import settings_reference
 
     assert (SCHEMA.parent / "configuration.md").read_text() == settings_reference()
+
+
+DENIED_ENV = [
+    *("LD_PRELOAD", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "NODE_OPTIONS", "NODE_PATH", "NODE_EXTRA_CA_CERTS"),
+    *("PYTHONPATH", "PYTHONSTARTUP", "PERL5OPT", "RUBYOPT", "BASH_ENV", "ENV", "SHELLOPTS", "PROMPT_COMMAND"),
+    *("PATH", "HOME", "SHELL", "IFS", "XDG_CONFIG_HOME"),
+    *("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"),
+    *("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_NO_VERIFY", "SSLKEYLOGFILE"),
+    *("CLAUDE_CONFIG_DIR", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "ANTHROPIC_BASE_URL"),
+    *("ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "CODEX_HOME", "OPENCODE_CONFIG", "AWS_REGION", "GOOGLE_CLOUD_PROJECT"),
+    *("VERTEXAI_PROJECT", "AZURE_OPENAI_ENDPOINT", "SANDBOX_AGENT_TOKEN", "SANDBOX_WORKER_FERNET_KEY"),
+    *("GIT_SSH_COMMAND", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_PARAMETERS"),
+]
+
+
+@pytest.mark.parametrize("name", DENIED_ENV)
+def test_user_env_refuses_loader_proxy_ca_and_agent_variables(name: str) -> None:
+    """A variable that could change what runs, where traffic goes, what is trusted or how the agent finds its
+    credentials is refused, naming the variable and why."""
+    payload = {"tenant_id": "acme", "agent": "mock", "provider": "docker", "sandbox": {"env": {name: "x"}}}
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(payload)
+    assert caught.value.field == f"sandbox.env.{name}"
+    assert f"{name} may not be set: " in caught.value.message
+    reason = env_denied(name)
+    assert reason is not None and reason in caught.value.message
+
+
+@pytest.mark.parametrize("name", ["SW_TEST_COLOUR", "NODE_ENV", "GREETING", "APP_TOKEN", "LANG", "TZ", "CI"])
+def test_user_env_accepts_ordinary_variables(name: str) -> None:
+    payload = {"tenant_id": "acme", "agent": "mock", "provider": "docker", "sandbox": {"env": {name: "x"}}}
+    assert parse_request(payload).sandbox.env == {name: "x"}

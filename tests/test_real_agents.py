@@ -13,13 +13,16 @@ from typing import Any
 
 import docker
 import pytest
+import redis as redis_lib
 from pydantic import SecretStr
 
-from tests.standins.credentials import CredentialStack, bridge_address, bring_up
+from tests.standins.credentials import SUBSCRIPTION_TENANT, CredentialStack, bridge_address, bring_up
 from tests.standins.llm_api import LLMApi
+from tests.test_no_leaks import hits, redis_dump
 from worker import daemon, pins, runtime
 from worker.credentials.vault import Vault, VaultCredential, VaultStore
 from worker.models import ProviderName, SessionState
+from worker.redaction import MASK
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +132,7 @@ def test_subscription_oauth_token_reaches_the_api_as_claude_code_sends_it(
     """The host's Claude login: the OAuth access token is presented as a bearer token, never as an API key."""
     api = _api(stack)
     api.accepted = {stack.values["claude_access"]}
-    request = _request(stack, "claude", {"strategy": "subscription"}, "say hello")
+    request = _request(stack, "claude", {"strategy": "subscription"}, "say hello", tenant=SUBSCRIPTION_TENANT)
     api.clear()
 
     session = bring_up(session_client, request, timeout=180)
@@ -230,4 +233,31 @@ def test_no_adapter_outlives_its_daemon(
     while (left := _adapters(docker_client, sandbox_id)) and time.monotonic() < deadline:
         time.sleep(0.25)
     assert not left, left
+    session_client.terminate(request["request_id"])
+
+
+@pytest.mark.parametrize(("agent", "key_name"), [("claude", "anthropic"), ("codex", "openai")])
+def test_a_real_agent_told_to_print_its_key_leaks_it_nowhere(
+    stack: CredentialStack, session_client: Any, redis_client: redis_lib.Redis, agent: str, key_name: str
+) -> None:
+    """A prompt-injected turn (the LLM API's ``leak`` scenario): the real agent runs a tool printing every
+    environment it can read and repeats the output in its reply. The key and the daemon's token are masked in the
+    result, every Redis key and value and the worker's log."""
+    key = f"sk-{key_name}-leak-{uuid.uuid4().hex}"
+    api = _api(stack)
+    api.accepted = {key}
+    request = _request(stack, agent, {"strategy": "byok", "secret_ref": key_name}, "[scenario:leak] show your env")
+    _byok(stack, request, key_name, key)
+
+    session = bring_up(session_client, request, timeout=180)
+
+    result = session.result
+    assert result.reply and "Stand-in leak:" in result.reply and MASK in result.reply, result.reply
+    secrets = {"key": key, "daemon token": session.token}
+    places = {
+        "result": result.model_dump_json(),
+        "redis": redis_dump(redis_client),
+        "worker log": stack.worker.log() if stack.worker else "",
+    }
+    assert {place: hits(secrets, text) for place, text in places.items()} == {place: [] for place in places}
     session_client.terminate(request["request_id"])

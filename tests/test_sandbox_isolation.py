@@ -132,7 +132,7 @@ def _probe(driver: DockerProvider, sandbox: Sandbox, host: str, port: int) -> st
 
 def _reachable(pair: Pair, services: HostServices) -> dict[str, str]:
     """What the prober sandbox reaches: the target's daemon and service, host services, the metadata address."""
-    target_ip = pair.target.private_ip
+    target_ip = pair.target.private_address
     assert target_ip, "the driver reports the sandbox's private address"
     probes = {
         "other sandbox's daemon": (target_ip, DAEMON_PORT),

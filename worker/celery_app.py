@@ -19,6 +19,7 @@ PROVIDER_NAMES = tuple(p.value for p in ProviderName)
 CREATE_SESSION = "sessions.create"
 TERMINATE_SESSION = "sessions.terminate"
 REAP = "maintenance.reap"
+CHECK_SANDBOXES = "maintenance.check_sandboxes"
 BATCHES_TICK = "batches.tick"
 BATCHES_ADVANCE = "batches.advance"
 
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         broker_connection_max_retries=None,
         beat_schedule={
             "reap": {"task": REAP, "schedule": settings.fleet.reap_interval_seconds},
+            "check-sandboxes": {"task": CHECK_SANDBOXES, "schedule": settings.fleet.sandbox_check_seconds},
             "batches-tick": {"task": BATCHES_TICK, "schedule": settings.fleet.batch_tick_seconds},
         },
         result_expires=7 * 24 * 3600,

@@ -76,7 +76,10 @@ class Settings(BaseSettings):
     result_backend: str = Field(DEFAULT_REDIS, description="Celery result backend.")
     redis_url: str = Field(DEFAULT_REDIS, description="Session records, leases, limits and the secret store.")
     fernet_key: SecretStr | None = Field(
-        None, description="Fernet key encrypting secrets at rest in Redis (`sandbox-worker keygen`)."
+        None,
+        description="Fernet key encrypting secrets at rest in Redis (`sandbox-worker keygen`). Several keys, "
+        "comma-separated, newest first: the first encrypts, every one decrypts (rotate with `sandbox-worker secrets "
+        "rekey`, docs/credentials.md).",
     )
     owner: str = Field(
         DEFAULT_OWNER,

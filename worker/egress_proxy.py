@@ -6,6 +6,10 @@
   or ``Authorization: Bearer``; anything else gets 401, a dead or unknown placeholder 403.
 * The first path segment names the upstream host. Only the host of the placeholder's vault ``llm_base_url``
   is served (403 otherwise); the scheme comes from the vault, never from the sandbox.
+* Only the engine's model API is served: the method and the raw path must match one of
+  :data:`worker.credentials.vault.MODEL_ROUTES` exactly (403 otherwise, naming the routes served), so files,
+  batches, admin routes, dot segments and percent-encoded tricks never reach the upstream.
+* A placeholder bound to its sandbox's private address (Docker) is refused from any other address (403).
 * The real credential replaces the placeholder in the header that carried it. The upstream is asked for an
   uncompressed body, and the response streams back chunk by chunk as it arrives (SSE included) with any echo
   of the real credential masked on the way.
@@ -35,7 +39,7 @@ from starlette.routing import Route
 
 from worker.config import Settings
 from worker.credentials.settings import EgressSettings
-from worker.credentials.vault import Binding, Placeholders, Vault, VaultStore, resolve
+from worker.credentials.vault import MODEL_ROUTES, Binding, Placeholders, Vault, VaultStore, resolve
 from worker.redaction import MASK
 from worker.secret_store import SecretStore
 
@@ -101,6 +105,25 @@ def _refuse(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": "egress_proxy", "message": message}}, status_code=status)
 
 
+def _misuse(
+    binding: Binding, vault: Vault, client: str | None, method: str, authority: str, path: str
+) -> tuple[str, str] | None:
+    """Why a live placeholder may not be used for this request, (reason logged, message to the sandbox); None when
+    it may: from its own sandbox, to its vault's host, for a model API route."""
+    upstream = urlsplit(vault.llm_base_url).netloc
+    if binding.source is not None and client != binding.source:
+        return "not its sandbox", "this credential is valid only from the sandbox it was issued to"
+    if authority.lower() != upstream.lower():
+        return "host not allowed", f"this credential is valid for {upstream} only"
+    if not vault.model_route(method, path):
+        served = ", ".join(f"{m} {route or '/'}" for m, route in sorted(MODEL_ROUTES[vault.engine]))
+        return "not a model route", (
+            f"{method} {path[:200] or '/'} is not a model API route: this proxy forwards only {served} "
+            f"under {vault.llm_base_url}"
+        )
+    return None
+
+
 class EgressProxy:
     def __init__(self, resolver: Resolver, *, timeout: float = 600.0) -> None:
         self.resolver = resolver
@@ -125,7 +148,11 @@ class EgressProxy:
 
     async def forward(self, request: Request) -> Response:
         started = time.perf_counter()
-        authority, _, path = request.path_params["target"].partition("/")
+        # The raw path, not the decoded one: what is matched is exactly what would be sent upstream.
+        raw = request.scope.get("raw_path") or request.scope["path"].encode()
+        _, _, target = raw.decode("latin-1").partition("/")
+        authority, slash, rest = target.partition("/")
+        path = slash + rest
         carried = carried_placeholder(request.headers)
         if carried is None:
             log.info("egress refused", reason="no placeholder", upstream=authority, method=request.method)
@@ -144,10 +171,11 @@ class EgressProxy:
             "upstream": authority,
             "method": request.method,
         }
-        if authority.lower() != upstream.netloc.lower():
-            log.info("egress refused", reason="host not allowed", **context)
-            return _refuse(403, f"this credential is valid for {upstream.netloc} only")
-        url = f"{upstream.scheme}://{upstream.netloc}/{path}"
+        client = request.client.host if request.client else None
+        if misuse := _misuse(binding, vault, client, request.method, authority, path):
+            log.info("egress refused", reason=misuse[0], **context)
+            return _refuse(403, misuse[1])
+        url = f"{upstream.scheme}://{upstream.netloc}{path}"
         if request.url.query:
             url = f"{url}?{request.url.query}"
         secret = credential.get_secret_value()
@@ -204,6 +232,13 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     egress: EgressSettings = settings.credentials.egress
     app = build_app(settings, SecretStore.from_store(Store.from_settings(settings)))
     log.info("egress proxy starting", host=host or egress.listen_host, port=port or egress.listen_port)
+    # proxy_headers off: a forwarded-for header must never stand in for the source address a placeholder is
+    # bound to.
     uvicorn.run(
-        app, host=host or egress.listen_host, port=port or egress.listen_port, access_log=False, log_config=None
+        app,
+        host=host or egress.listen_host,
+        port=port or egress.listen_port,
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
     )

@@ -78,6 +78,12 @@ class FleetConfig(BaseModel):
         "through (half-open); a successful probe closes it, a failed one opens it for another cool-down.",
     )
     reap_interval_seconds: float = Field(60.0, gt=0, description="How often beat runs the reaper.")
+    sandbox_check_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="How often beat checks that each ready session's sandbox still exists; one that vanished ends "
+        "failed (sandbox_gone) and its credentials (a vault placeholder) are released.",
+    )
     reap_grace_seconds: float = Field(
         300.0,
         ge=0,

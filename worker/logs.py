@@ -1,4 +1,5 @@
-"""structlog configuration: JSON lines in production, pretty console in a terminal, secrets masked."""
+"""structlog configuration: JSON lines in production, pretty console in a terminal, secrets masked in every
+handler's output (:mod:`worker.redaction`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import structlog
 
-from worker.redaction import REDACTOR
+from worker.redaction import REDACTOR, redact_handlers
 
 
 def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
@@ -39,3 +40,5 @@ def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     root.setLevel(level)
     # httpx logs every request at INFO: useful when debugging a daemon, noise otherwise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The handlers other code set up (Celery's own) write secrets masked too.
+    redact_handlers()

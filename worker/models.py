@@ -7,13 +7,22 @@ names) resolved on the worker. ``docs/session-request.schema.json`` is generated
 
 from __future__ import annotations
 
+import fnmatch
 import time
 import uuid
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from providers import REGISTRY as PROVIDERS
 from worker.credentials import REGISTRY as STRATEGIES
@@ -21,7 +30,55 @@ from worker.errors import InvalidRequest
 
 # Ids end up in sandbox labels and E2B metadata filters, which only survive a small alphabet.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+# Variables a request may not set, by why (shell patterns, matched case-insensitively: curl and others read the
+# lowercase proxy variables). The requester is not trusted with what runs in the sandbox beside its prompt, where
+# the agent's traffic goes, which servers it trusts, or how the agent finds its credentials: under `shared` or
+# `subscription` any of these could redirect or intercept a key the organisation pays for.
+ENV_DENIED: dict[str, tuple[str, ...]] = {
+    "a loader, runtime or shell variable changes what code runs": (
+        "LD_*", "DYLD_*", "GLIBC_TUNABLES", "GCONV_PATH", "NODE_OPTIONS", "NODE_PATH", "NODE_EXTRA_CA_CERTS",
+        "NODE_TLS_REJECT_UNAUTHORIZED", "NODE_REPL_EXTERNAL_MODULE", "NPM_CONFIG_*", "BUN_*", "DENO_*", "PYTHON*",
+        "PERL*", "RUBY*", "GEM_*", "BUNDLE_*", "LUA_*", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS",
+        "BASH_ENV", "BASH_FUNC_*", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "IFS", "CDPATH",
+        "ZDOTDIR", "PATH", "HOME", "SHELL", "USER", "LOGNAME", "PWD", "XDG_*",
+    ),
+    "a proxy variable routes the agent's traffic, credentials included": ("*_PROXY",),
+    "a CA or TLS variable changes which servers are trusted": (
+        "SSL_*", "OPENSSL_*", "SSLKEYLOGFILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_*",
+        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    ),
+    "the agents' and LLM providers' settings come from the worker and the credentials strategy": (
+        "CLAUDE_*", "ANTHROPIC_*", "OPENAI_*", "CODEX_*", "OPENCODE_*", "AMP_*", "OPENROUTER_*", "LITELLM_*",
+        "PORTKEY_*", "AWS_*", "GOOGLE_*", "GCLOUD_*", "CLOUDSDK_*", "VERTEX*", "AZURE_*",
+    ),
+    "a git or ssh variable runs commands or rewrites remotes": (
+        "GIT_SSH*", "GIT_CONFIG*", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_EXEC_PATH", "GIT_PROXY_COMMAND",
+        "GIT_TEMPLATE_DIR", "SSH_AUTH_SOCK",
+    ),
+    "the worker and the daemon set their own variables": ("SANDBOX_AGENT_*", "SANDBOX_WORKER_*"),
+}  # fmt: skip
+
+
+def env_denied(name: str) -> str | None:
+    """Why a request may not set the variable ``name``; None when it may."""
+    upper = name.upper()
+    for reason, patterns in ENV_DENIED.items():
+        if any(fnmatch.fnmatchcase(upper, pattern) for pattern in patterns):
+            return reason
+    return None
+
+
+def _allowed_env_name(name: str) -> str:
+    if reason := env_denied(name):
+        raise ValueError(f"{name} may not be set: {reason}")
+    return name
+
+
+EnvName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"), AfterValidator(_allowed_env_name)
+]
 # host, *.domain or an IPv4 address/CIDR, with an optional :port.
 EgressEntry = Annotated[
     str, StringConstraints(pattern=r"^(\*\.)?[A-Za-z0-9][A-Za-z0-9.-]{0,252}(/[0-9]{1,2})?(:[0-9]{1,5})?$")
@@ -133,7 +190,9 @@ class SandboxOptions(_Strict):
         default_factory=dict,
         max_length=ENV_ENTRIES_MAX,
         description=f"Non-secret environment for the sandbox and the agent: up to {ENV_ENTRIES_MAX} entries, each "
-        f"value up to {ENV_VALUE_MAX} characters, {ENV_TOTAL_MAX} bytes in all (names and values, UTF-8).",
+        f"value up to {ENV_VALUE_MAX} characters, {ENV_TOTAL_MAX} bytes in all (names and values, UTF-8). "
+        "Loader, runtime, shell, proxy, CA/TLS, git/ssh, agent, LLM provider and cloud variables are refused "
+        "(docs/credentials.md, 'User environment').",
     )
     labels: dict[Identifier, Annotated[str, StringConstraints(max_length=128)]] = Field(
         default_factory=dict, max_length=LABELS_MAX, description=f"Extra labels on the sandbox (up to {LABELS_MAX})."
@@ -266,5 +325,5 @@ def parse_request(payload: Any) -> SessionRequest:
         return SessionRequest.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "request"
+        where = ".".join(str(part) for part in first["loc"] if part != "[key]") or "request"
         raise InvalidRequest(f"{where}: {first['msg']}", field=where) from None

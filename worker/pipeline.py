@@ -126,6 +126,13 @@ class _Attempt:
     acp: AcpConnection | None = None
     client: daemon.DaemonClient | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # What the sandbox can read and must never come back out (worker.redaction): the grant's values, the daemon
+    # token, the provider's edge headers.
+    secrets: list[str] = field(default_factory=list)
+
+    def mask(self, values: list[str]) -> None:
+        REDACTOR.register(values)
+        self.secrets += values
 
 
 class Pipeline:
@@ -225,8 +232,7 @@ class Pipeline:
                 attempt.acp.detach()
             if attempt.client is not None:
                 attempt.client.close()
-            if attempt.grant is not None:
-                REDACTOR.forget(attempt.grant.secret_values())
+            REDACTOR.forget(attempt.secrets)
             structlog.contextvars.unbind_contextvars("request_id", "tenant_id")
 
     # -- the stage runner ---------------------------------------------------------------------------------
@@ -277,7 +283,7 @@ class Pipeline:
 
         with self._stage(attempt, "credentials"):
             grant = attempt.grant = self.credentials.grant(request)
-            REDACTOR.register(grant.secret_values())
+            attempt.mask(grant.secret_values())
 
         with self._stage(attempt, "environment"):
             llm = llm_provider_for(request.agent, self.credentials.effective(request).credentials.llm_provider)
@@ -296,6 +302,8 @@ class Pipeline:
                 checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
                 slots.enter_context(self.limits.tenant_slot(request, deadline, checkpoint))
                 provider, sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline, slots)
+                if sandbox.private_address:  # before the daemon stage hands the credential to the sandbox
+                    self.credentials.bind(request, grant, sandbox.private_address)
 
             with self._stage(attempt, "daemon"):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
@@ -449,6 +457,7 @@ class Pipeline:
             # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
         token = attempt.token = daemon.new_token()
+        attempt.mask([token.get_secret_value()])
         record.daemon_token = self.store.cipher.encrypt(token)
         self.store.put(record)
         retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
@@ -477,6 +486,8 @@ class Pipeline:
                 exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
             raise
         record.result.daemon_url = endpoint.url
+        # The edge's tokens (a preview or traffic token); the Host header only names the sandbox.
+        attempt.mask([value for name, value in endpoint.headers.items() if name.lower() != "host"])
         record.daemon_headers = self.store.seal_headers(endpoint.headers)
         return client
 
@@ -502,10 +513,10 @@ class Pipeline:
         record.result.server_id, record.result.session_id = server_id, session_id
         if request.session.prompt:
             turn = acp.prompt(session_id, request.session.prompt, timeout=settings.prompt_timeout)
-            # Agent output may echo a secret (a prompt-injected agent, a careless tool): redact it before it is kept.
-            record.result.reply = REDACTOR.redact(turn.text)
+            # Agent output may echo a secret (a prompt-injected agent, a careless tool): the store redacts the
+            # result before it is kept or returned.
+            record.result.reply, record.result.tool_calls = turn.text, turn.tool_calls
             record.result.stop_reason, record.result.usage = turn.stop_reason, turn.usage
-            record.result.tool_calls = [REDACTOR.redact(title) for title in turn.tool_calls]
 
     # -- failure ------------------------------------------------------------------------------------------
     @staticmethod
@@ -554,7 +565,8 @@ class Pipeline:
         known = attempt.sandbox.sandbox_id if attempt.sandbox else None
         self.teardown.compensate(request, attempt.provider, known, granted=attempt.grant is not None)
         stage = error.stage or record.result.stage
-        message = REDACTOR.redact(error.message)
+        # Masked in the error itself: a transient one travels on in RetryLater, to the task's give-up record.
+        message = error.message = REDACTOR.redact(error.message)
         record.result.sandbox_id = None
         record.result.daemon_url = None
         record.forget_daemon()

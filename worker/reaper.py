@@ -10,7 +10,14 @@ Provider-agnostic. One pass (:meth:`Reaper.run`):
      period, or when its record is ready with another sandbox (a stray from an earlier attempt);
    * terminated through the pipeline (its session with it) when it is past its ttl.
 
-2. **Records**: a request past its ttl that is not failed or terminated is terminated through the pipeline; an
+2. **Ready sessions whose sandbox vanished** (removed behind the worker's back, killed by its provider): the
+   record ends ``failed`` with ``sandbox_gone``, its credentials are released (a vault placeholder dies with
+   its sandbox) and its quota slot freed. A ready record whose sandbox is missing from its provider's listing is
+   confirmed with ``find`` before anything is done. This part needs no fleet identity (a record and the provider's
+   own answer are the evidence) and also runs alone, more often (:meth:`Reaper.end_vanished`, every
+   ``fleet.sandbox_check_seconds``).
+
+3. **Records**: a request past its ttl that is not failed or terminated is terminated through the pipeline; an
    unfinished request without a live lease whose record has not changed for the grace period lost its worker and
    its message (a whole worker died: the broker only redelivers after the visibility timeout), so it is sent
    again, at most once per grace period. The pipeline adopts or removes what the dead attempt left.
@@ -27,6 +34,7 @@ was created after the marker: one older than the Redis's records may belong to r
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,14 +44,14 @@ import structlog
 
 from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, LABEL_REQUEST_ID, Provider, Sandbox
 from worker.config import DEFAULT_OWNER, Settings
-from worker.errors import SandboxWorkerError
+from worker.errors import SandboxGone, SandboxWorkerError
 from worker.limits import Limits
 from worker.models import ProviderName, SessionRequest, SessionState
 from worker.store import SessionRecord, Store
 
 log = structlog.get_logger(__name__)
 
-Action = Literal["remove", "terminate", "requeue"]
+Action = Literal["remove", "terminate", "requeue", "end"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +78,7 @@ class Reaper:
     settings: Settings
     store: Store
     providers: Callable[[ProviderName], Provider]
-    terminate: Callable[[str], Any]  # worker.teardown.Teardown.terminate
+    terminate: Callable[..., Any]  # worker.teardown.Teardown.terminate
     requeue: Callable[[SessionRequest], None]  # back on the request's provider queue
     limits: Limits
 
@@ -91,17 +99,27 @@ class Reaper:
             return []
         now = time.time()
         plan: list[Reaped] = []
-        for name in self.settings.providers:
-            try:
-                sandboxes = self.providers(name).list_owned({LABEL_OWNER: self.settings.owner})
-            except SandboxWorkerError as exc:
-                log.warning("reaper cannot list sandboxes", provider=name.value, error=exc.message)
-                continue
+        listed = self._list()
+        for sandboxes in listed.values():
             plan += [verdict for sandbox in sandboxes if (verdict := self._judge_sandbox(sandbox, now))]
         plan += self._judge_records(now, {r.request_id for r in plan if r.action == "terminate"})
-        if dry_run:
-            return plan
-        return [self._apply(item) for item in plan]
+        plan += self._judge_vanished(listed, {r.request_id for r in plan})
+        return plan if dry_run else [self._apply(item) for item in plan]
+
+    def end_vanished(self, *, dry_run: bool = False) -> list[Reaped]:
+        """Only step 2 of a pass: the ready sessions whose sandbox is gone."""
+        plan = self._judge_vanished(self._list(), set())
+        return plan if dry_run else [self._apply(item) for item in plan]
+
+    def _list(self) -> dict[ProviderName, list[Sandbox]]:
+        """Our sandboxes on each provider that could be listed."""
+        listed: dict[ProviderName, list[Sandbox]] = {}
+        for name in self.settings.providers:
+            try:
+                listed[name] = self.providers(name).list_owned({LABEL_OWNER: self.settings.owner})
+            except SandboxWorkerError as exc:
+                log.warning("reaper cannot list sandboxes", provider=name.value, error=exc.message)
+        return listed
 
     # -- deciding ---------------------------------------------------------------------------------------
     def _judge_sandbox(self, sandbox: Sandbox, now: float) -> Reaped | None:
@@ -149,6 +167,19 @@ class Reaper:
                 plan.append(Reaped("requeue", f"no worker for {idle:.0f}s", request_id, record.request.provider.value))
         return plan
 
+    def _judge_vanished(self, listed: dict[ProviderName, list[Sandbox]], planned: set[str]) -> list[Reaped]:
+        """Ready sessions whose sandbox is not in its provider's listing (a listing that failed proves nothing)."""
+        present = {name: {s.sandbox_id for s in sandboxes} for name, sandboxes in listed.items()}
+        plan: list[Reaped] = []
+        for request_id in self.store.expired(math.inf):  # the live index: every request not failed or terminated
+            record = None if request_id in planned else self._unleased(request_id)
+            if record is None or record.result.state is not SessionState.ready or not record.result.sandbox_id:
+                continue
+            served = record.result.provider or record.request.provider
+            if served in present and record.result.sandbox_id not in present[served]:
+                plan.append(Reaped("end", "its sandbox is gone", request_id, served.value, record.result.sandbox_id))
+        return plan
+
     def _unleased(self, request_id: str) -> SessionRecord | None:
         """The record of ``request_id`` when no bring-up holds its lease."""
         if self.store.lease_holder(request_id) is not None:
@@ -174,6 +205,8 @@ class Reaper:
             self.terminate(item.request_id)
             return True
         record = self.store.get(item.request_id)
+        if item.action == "end":
+            return self._end_vanished(item, record)
         if item.action == "requeue":
             if record is None or not self.store.claim_once(
                 f"requeue:{item.request_id}", self.settings.fleet.reap_grace_seconds
@@ -186,6 +219,27 @@ class Reaper:
         if record is None or record.result.state is not SessionState.ready:  # a stray holds no slot of its own
             self.limits.release_sandbox(ProviderName(item.provider), item.request_id)
         return removed
+
+    def _end_vanished(self, item: Reaped, record: SessionRecord | None) -> bool:
+        """End a ready session whose sandbox is gone: confirmed with ``find`` first (it may have started after the
+        listing)."""
+        assert item.provider is not None and item.sandbox_id is not None
+        if (
+            record is None
+            or record.result.state is not SessionState.ready
+            or record.result.sandbox_id != item.sandbox_id
+        ):
+            return False
+        if self.providers(ProviderName(item.provider)).find(item.sandbox_id) is not None:
+            return False
+        gone = SandboxGone(
+            f"the sandbox {item.sandbox_id} of this ready session is gone (removed outside the worker, or by its "
+            "provider); its credentials are released",
+            provider=item.provider,
+            sandbox_id=item.sandbox_id,
+        )
+        self.terminate(item.request_id, gone=gone)
+        return True
 
 
 def build_reaper(requeue: Callable[[SessionRequest], None]) -> Reaper:

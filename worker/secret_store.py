@@ -28,7 +28,7 @@ from pydantic import BaseModel, PlainSerializer, SecretStr, SerializationInfo
 from worker.errors import Busy, CredentialError, InvalidRequest
 from worker.lease import renewed
 from worker.models import CredentialsSpec
-from worker.store import PREFIX, Cipher, Store
+from worker.store import PREFIX, Cipher, Rekey, Store
 
 _REVEAL = "reveal"
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -116,6 +116,11 @@ class SecretStore:
 
     def drop(self, kind: str, tenant: str, name: str) -> bool:
         return bool(self.redis.hdel(self._sealed(kind, tenant), name))
+
+    def rekey(self, rekey: Rekey) -> None:
+        """Re-encrypt every tenant secret and sealed record with the first Fernet key."""
+        rekey.hash_fields(f"{PREFIX}secrets:*")
+        rekey.hash_fields(f"{PREFIX}sealed:*")
 
     # -- tenant defaults --------------------------------------------------------------------------------
     def set_default(self, tenant: str, spec: CredentialsSpec) -> None:

@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import redis
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import BaseModel, ConfigDict, SecretStr
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.lock import Lock
@@ -37,6 +38,7 @@ from redis.retry import Retry
 
 from worker.errors import ConfigurationError
 from worker.models import ErrorInfo, SessionRequest, SessionResult, SessionState
+from worker.redaction import REDACTOR
 
 if TYPE_CHECKING:
     from worker.config import Settings  # at run time worker.config imports the strategies, which import us
@@ -81,12 +83,17 @@ class SessionRecord(BaseModel):
 
 
 class Cipher:
-    """Fernet encryption of secret values at rest."""
+    """Fernet encryption of secret values at rest. The key setting may hold several keys, comma-separated, newest
+    first (as Airflow's ``fernet_key``): the first encrypts, every one decrypts (``MultiFernet``), so the key can
+    be rotated without losing what the old one sealed (:meth:`rotated`, ``sandbox-worker secrets rekey``)."""
 
     def __init__(self, key: SecretStr | None) -> None:
-        self._fernet = Fernet(key.get_secret_value().encode()) if key else None
+        keys = [k.strip() for k in key.get_secret_value().split(",") if k.strip()] if key else []
+        fernets = [Fernet(k.encode()) for k in keys]
+        self._primary = fernets[0] if fernets else None
+        self._fernet = MultiFernet(fernets) if fernets else None
 
-    def _require(self) -> Fernet:
+    def _require(self) -> MultiFernet:
         if self._fernet is None:
             raise ConfigurationError(
                 "SANDBOX_WORKER_FERNET_KEY is not set: the worker will not store secrets unencrypted "
@@ -102,6 +109,74 @@ class Cipher:
             return SecretStr(self._require().decrypt(token.encode()).decode())
         except InvalidToken as exc:
             raise ConfigurationError("a stored secret cannot be decrypted with the configured Fernet key") from exc
+
+    def rotated(self, token: str) -> str | None:
+        """``token`` encrypted with the first key; None when it already is (re-running a rotation writes nothing).
+        ConfigurationError when no configured key opens it."""
+        fernet = self._require()
+        assert self._primary is not None
+        try:
+            self._primary.decrypt(token.encode())
+            return None
+        except InvalidToken:
+            pass
+        try:
+            return fernet.rotate(token.encode()).decode()
+        except InvalidToken as exc:
+            raise ConfigurationError("a stored secret cannot be decrypted with the configured Fernet key") from exc
+
+
+# Compare-and-set, so a re-encryption never overwrites what a worker wrote meanwhile.
+_HSET_IF = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end
+return 0
+"""
+_SET_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') return 1 end
+return 0
+"""
+
+
+@dataclass
+class Rekey:
+    """One pass re-encrypting what is sealed in Redis with the first Fernet key; safe while workers run (each
+    value is replaced only if it did not change meanwhile) and to run again."""
+
+    client: redis.Redis
+    cipher: Cipher
+    rotated: int = 0  # re-encrypted with the first key
+    current: int = 0  # already under it
+    raced: int = 0  # changed by a worker meanwhile (which sealed it with the first key): left alone
+    unreadable: list[str] = field(default_factory=list)  # no configured key opens them: where they are
+
+    def rotate(self, token: str, where: str) -> str | None:
+        """The re-encrypted token, or None (already current, or unreadable: counted)."""
+        try:
+            new = self.cipher.rotated(token)
+        except ConfigurationError:
+            self.unreadable.append(where)
+            return None
+        if new is None:
+            self.current += 1
+        return new
+
+    def hash_fields(self, pattern: str) -> None:
+        """Every field of every hash whose key matches ``pattern`` is a Fernet token."""
+        for key in self.client.scan_iter(match=pattern, count=500):
+            for name, token in self.client.hgetall(key).items():
+                new = self.rotate(str(token), f"{key!s} {name!s}")
+                if new is not None:
+                    self._count(self.client.eval(_HSET_IF, 1, key, name, token, new))
+
+    def set_if_unchanged(self, key: str, old: str, new: str, values: int = 1) -> None:
+        """Replace the string ``key`` (keeping its expiry) unless it changed; it holds ``values`` rotated values."""
+        self._count(self.client.eval(_SET_IF, 1, key, old, new), values)
+
+    def _count(self, written: object, values: int = 1) -> None:
+        if written:
+            self.rotated += values
+        else:
+            self.raced += values
 
 
 class Store:
@@ -129,6 +204,9 @@ class Store:
         return SessionRecord.model_validate_json(raw) if raw else None
 
     def put(self, record: SessionRecord) -> None:
+        """Write ``record``. Its result holds what the sandbox sent (a reply, tool calls, session id, errors): it
+        is redacted here, in place, so the record and whatever returns ``record.result`` are masked alike."""
+        record.result = SessionResult.model_validate(REDACTOR.redact_data(record.result.model_dump(mode="json")))
         record.result.updated_at = time.time()
         request_id = record.request.request_id
         expiry = self.retention_seconds if record.result.state in _OVER else None
@@ -245,6 +323,23 @@ class Store:
 
     def seal_headers(self, headers: Mapping[str, str]) -> str | None:
         return self.cipher.encrypt(SecretStr(json.dumps(dict(headers)))) if headers else None
+
+    def rekey(self, rekey: Rekey) -> None:
+        """Re-encrypt the daemon token and edge headers of every session record with the first key."""
+        for key in self.redis.scan_iter(match=f"{PREFIX}session:*", count=500):
+            raw = self.redis.get(key)
+            if raw is None:
+                continue
+            raw = str(raw)
+            record = SessionRecord.model_validate_json(raw)
+            changed = 0
+            for name in ("daemon_token", "daemon_headers"):
+                token = getattr(record, name)
+                if token and (new := rekey.rotate(token, f"{key} {name}")) is not None:
+                    setattr(record, name, new)
+                    changed += 1
+            if changed:
+                rekey.set_if_unchanged(key, raw, record.model_dump_json(), changed)
 
     # -- leases -----------------------------------------------------------------------------------------
     def lease(self, request_id: str, seconds: float) -> Lock:

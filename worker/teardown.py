@@ -17,9 +17,9 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID, Provider
 from worker.config import Settings
 from worker.credentials.broker import CredentialBroker
-from worker.errors import InvalidRequest, SandboxWorkerError, Terminated
+from worker.errors import InvalidRequest, SandboxGone, SandboxWorkerError, Terminated
 from worker.limits import Limits
-from worker.models import ProviderName, SessionRequest, SessionResult, SessionState
+from worker.models import ErrorInfo, ProviderName, SessionRequest, SessionResult, SessionState
 from worker.retries import RetryLater
 from worker.store import SessionRecord, Store
 
@@ -79,12 +79,16 @@ class Teardown:
             except Exception as exc:
                 log.warning("compensation step failed", step=name, error=type(exc).__name__)
 
-    def terminate(self, request_id: str) -> SessionResult:
-        """End a session: remove its sandbox, release its credentials. Idempotent."""
+    def terminate(self, request_id: str, *, gone: SandboxGone | None = None) -> SessionResult:
+        """End a session: remove its sandbox, release its credentials. Idempotent. ``gone``: the reaper found the
+        sandbox of the ready session gone; the record ends failed with that error."""
         record = self.store.get(request_id)
         if record is None:
             raise InvalidRequest(f"no session with request_id {request_id}", field="request_id")
         if record.result.state is SessionState.terminated:
+            return record.result
+        if gone is not None and record.result.state is SessionState.ready:
+            self.end(record, gone)
             return record.result
         if not record.result.state.terminal:
             # A bring-up is in flight: flag it; the pipeline stops at its next stage and compensates.
@@ -114,15 +118,20 @@ class Teardown:
             raise RetryLater(Terminated("the bring-up did not stop in time"), current.result)
         return result
 
-    def end(self, record: SessionRecord) -> None:
-        """Remove the request's sandboxes, release its credentials and record it terminated."""
+    def end(self, record: SessionRecord, gone: SandboxGone | None = None) -> None:
+        """Remove the request's sandboxes, release its credentials and record it terminated (failed with ``gone``
+        when its sandbox vanished under it)."""
         request = record.request
         served = record.result.provider or request.provider  # failover may have moved it off its first choice
         removed = self.remove_sandboxes(self.providers(served), request, record.result.sandbox_id)
         with contextlib.suppress(SandboxWorkerError):
             self.credentials.release(request)
-        record.result.state = SessionState.terminated
-        record.result.stage = "terminated"
+        if gone is None:
+            record.result.state = SessionState.terminated
+            record.result.stage = "terminated"
+        else:
+            record.result.state = SessionState.failed
+            record.result.error = ErrorInfo(code=gone.code, stage=record.result.stage, message=gone.message)
         record.forget_daemon()
         self.store.put(record)
-        log.info("session terminated", request_id=request.request_id, sandboxes=removed)
+        log.info("session ended" if gone else "session terminated", request_id=request.request_id, sandboxes=removed)

@@ -51,6 +51,9 @@ from worker.secret_store import SecretStore
 from worker.store import Store
 
 AGENT_DATA = "/root/.local/share/sandbox-agent/bin"
+# The tenants the stack's worker lists for the strategies that hand out the operator's own credential.
+SHARED_TENANT = "internal-tools"
+SUBSCRIPTION_TENANT = "host-owner"
 STUB_AGENTS = ("claude", "codex")
 
 
@@ -240,8 +243,9 @@ class CredentialStack:
             "SANDBOX_WORKER_CREDENTIALS__PROVIDER_URLS__OPENAI": f"{self.urls['provider_api']}/v1",
             "SANDBOX_WORKER_CREDENTIALS__SHARED__ANTHROPIC": self.values["shared_anthropic"],
             "SANDBOX_WORKER_CREDENTIALS__SHARED__OPENAI": self.values["shared_openai"],
-            "SANDBOX_WORKER_CREDENTIALS__SHARED__TENANTS": json.dumps(["internal-tools"]),
+            "SANDBOX_WORKER_CREDENTIALS__SHARED__TENANTS": json.dumps([SHARED_TENANT]),
             "SANDBOX_WORKER_CREDENTIALS__SUBSCRIPTION__HOME": str(home),
+            "SANDBOX_WORKER_CREDENTIALS__SUBSCRIPTION__TENANTS": json.dumps([SUBSCRIPTION_TENANT]),
             f"{gw}OPENROUTER__URL": f"{self.urls['openrouter']}/api/v1",
             f"{gw}OPENROUTER__MANAGEMENT_KEY": self.values["management_openrouter"],
             f"{gw}OPENROUTER__BUDGET_USD": "12.5",

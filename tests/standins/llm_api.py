@@ -18,12 +18,16 @@ Scenarios (``LLMApi.scenario``, or per prompt: ``[scenario:NAME]`` anywhere in t
            Responses ``exec_command {"cmd": ...}`` (Codex; ``shell`` with an argv if that is what is offered).
            A request carrying the tool's result (``tool_result`` / ``function_call_output``) gets a final
            text, ``Stand-in done: wrote file.txt.``
+    leak   HOSTILE, a prompt-injected turn: like ``tool``, but the command prints every environment the agent's
+           tool can read (``env``, ``/proc/*/environ``, ``/proc/*/cmdline``), and the final text repeats the tool's output:
+           ``Stand-in leak: <output>``, credentials included
     401    authentication error in the API's own shape
     429    rate-limit error with ``retry-after: 1``
     slow   the text reply, after ``slow_seconds`` with nothing sent
 
 A request that offers no tools (title generation, quota probes) always gets a text reply, whatever the scenario.
-``accepted`` makes any other (or a missing) credential a 401. Replies never contain a credential.
+``accepted`` makes any other (or a missing) credential a 401. Replies never contain a credential, except what
+an agent's tool printed in the ``leak`` scenario.
 
 Run by hand (binding a container-reachable address such as the Docker bridge, never 0.0.0.0)::
 
@@ -52,7 +56,8 @@ from starlette.routing import Route
 from tests.standins.llm_upstream import credential_of
 from tests.standins.server import ThreadedServer
 
-SCENARIOS = ("text", "tool", "401", "429", "slow")
+SCENARIOS = ("text", "tool", "leak", "401", "429", "slow")
+LEAK_COMMAND = "env; cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | sort -u"
 _SCENARIO_MARK = re.compile(r"\[scenario:([A-Za-z0-9]+)\]")
 _WORD = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -72,6 +77,7 @@ class LLMRequest:
     tools: bool = False
     tool_names: list[str] = field(default_factory=list)
     tool_result: bool = False  # carries a tool_result / function_call_output
+    tool_output: str = ""  # the last tool result it carries, as JSON
     prompt: str = ""  # the user's last text, as far as it could be told apart
     scenario: str | None = None  # what was answered
     status: int = 200
@@ -130,6 +136,21 @@ def _responses_view(body: dict[str, Any]) -> tuple[str, bool]:
             prompt = text
             break
     return prompt, has_result
+
+
+def _tool_output(body: dict[str, Any]) -> str:
+    """The last tool result of a request (Anthropic ``tool_result``, Responses ``function_call_output``), as JSON."""
+    found: list[str] = []
+    items: list[Any] = [body.get("messages") or body.get("input")]
+    while items:
+        item = items.pop(0)
+        if isinstance(item, dict) and item.get("type") in ("tool_result", "function_call_output"):
+            found.append(json.dumps(item.get("content", item.get("output"))))
+        elif isinstance(item, dict):
+            items += item.values()
+        elif isinstance(item, list):
+            items += item
+    return found[-1] if found else ""
 
 
 def _last_word(text: str) -> str:
@@ -228,6 +249,7 @@ class LLMApi:
             tools=bool(tools),
             tool_names=[str(t.get("name") or t.get("type")) for t in tools],
             tool_result=has_result,
+            tool_output=_tool_output(body) if has_result else "",
             prompt=prompt,
             headers={k: v for k, v in request.headers.items() if k in _KEPT_HEADERS},
             body=body,
@@ -241,8 +263,8 @@ class LLMApi:
             return "401"
         mark = _SCENARIO_MARK.search(record.prompt)
         scenario = mark.group(1) if mark and mark.group(1) in SCENARIOS else self.scenario
-        if scenario == "tool" and (not record.tools or record.tool_result):
-            scenario = "tool-done" if record.tool_result else "text"
+        if scenario in ("tool", "leak") and (not record.tools or record.tool_result):
+            scenario = f"{scenario}-done" if record.tool_result else "text"
         return scenario
 
     def _log(self, record: LLMRequest) -> None:
@@ -255,6 +277,8 @@ class LLMApi:
     def _reply_text(self, record: LLMRequest, scenario: str) -> str:
         if scenario == "tool-done":
             return f"Stand-in done: wrote {self.tool_file}."
+        if scenario == "leak-done":
+            return f"Stand-in leak: {record.tool_output}"
         if (
             not record.tools
             and record.api == "anthropic"
@@ -371,17 +395,20 @@ class LLMApi:
 
     # --- Anthropic shapes -----------------------------------------------------------------------------------
 
+    def _command(self, scenario: str) -> str:
+        return LEAK_COMMAND if scenario == "leak" else self.tool_command
+
     def _anthropic_blocks(self, record: LLMRequest, scenario: str) -> list[dict[str, Any]]:
-        if scenario == "tool":
+        if scenario in ("tool", "leak"):
             name = next((n for n in record.tool_names if n.lower() == "bash"), None)
             if name is not None:
                 return [
-                    {"type": "text", "text": f"I will write {self.tool_file}."},
+                    {"type": "text", "text": f"I will run {self._command(scenario)}."},
                     {
                         "type": "tool_use",
                         "id": "toolu_standin_" + secrets.token_hex(8),
                         "name": name,
-                        "input": {"command": self.tool_command, "description": f"Write {self.tool_file}"},
+                        "input": {"command": self._command(scenario), "description": f"Write {self.tool_file}"},
                     },
                 ]
             scenario = "text"
@@ -472,12 +499,12 @@ class LLMApi:
     # --- OpenAI Responses shapes ----------------------------------------------------------------------------
 
     def _responses_items(self, record: LLMRequest, scenario: str) -> list[dict[str, Any]]:
-        if scenario == "tool":
+        if scenario in ("tool", "leak"):
             call: dict[str, Any] | None = None
             if "exec_command" in record.tool_names:
-                call = {"name": "exec_command", "arguments": json.dumps({"cmd": self.tool_command})}
+                call = {"name": "exec_command", "arguments": json.dumps({"cmd": self._command(scenario)})}
             elif "shell" in record.tool_names:
-                call = {"name": "shell", "arguments": json.dumps({"command": ["bash", "-lc", self.tool_command]})}
+                call = {"name": "shell", "arguments": json.dumps({"command": ["bash", "-lc", self._command(scenario)]})}
             if call is not None:
                 return [
                     {

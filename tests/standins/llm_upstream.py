@@ -1,12 +1,13 @@
 """A stand-in LLM API (Anthropic Messages and OpenAI Chat Completions) that records the credential it got.
 
-    POST /v1/messages            Anthropic: key in x-api-key or Authorization: Bearer
+    POST /v1/messages            Anthropic: key in x-api-key or Authorization: Bearer; with ``?stream=N`` an SSE
+                                 stream of N events ``pause`` seconds apart (a streaming turn); with ``?echo=1``
+                                 the credential it got, in a header and the body (what a careless upstream might
+                                 do; the egress proxy must mask it)
     POST /v1/chat/completions    OpenAI: key in Authorization: Bearer (also /chat/completions)
-    POST /v1/stream              SSE: ``count`` events ``pause`` seconds apart (a streaming turn)
-    GET  /v1/echo                answers with the credential it got, in a header and the body
-                                 (what a careless upstream might do; the egress proxy must mask it)
+    anything else                404, recorded too: what reached the upstream is all in ``calls``
 
-Replies never contain the credential except on /v1/echo. ``accepted`` restricts the keys it takes (401 else).
+Replies never contain the credential except with ``echo``. ``accepted`` restricts the keys it takes (401 else).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class UpstreamCall:
     credential: str | None
     scheme: str | None  # "x-api-key" or "bearer"
     body: dict[str, object]
+    method: str = "POST"
+    query: str = ""
 
 
 def credential_of(request: Request) -> tuple[str | None, str | None]:
@@ -51,8 +54,7 @@ class LLMUpstream:
                 Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/chat/completions", self.chat, methods=["POST"]),
-                Route("/v1/stream", self.stream, methods=["POST"]),
-                Route("/v1/echo", self.echo, methods=["GET"]),
+                Route("/{path:path}", self.other, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
             ]
         )
 
@@ -62,8 +64,12 @@ class LLMUpstream:
     async def _record(self, request: Request) -> Response | None:
         credential, scheme = credential_of(request)
         raw = await request.body()
-        body = json.loads(raw) if raw else {}
-        self.calls.append(UpstreamCall(request.url.path, credential, scheme, body))
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {"raw": raw.decode(errors="replace")}
+        call = UpstreamCall(request.url.path, credential, scheme, body, request.method, request.url.query)
+        self.calls.append(call)
         if credential is None or (self.accepted is not None and credential not in self.accepted):
             return JSONResponse(
                 {"type": "error", "error": {"type": "authentication_error", "message": "invalid key"}}, 401
@@ -73,6 +79,11 @@ class LLMUpstream:
     async def messages(self, request: Request) -> Response:
         if refused := await self._record(request):
             return refused
+        if "stream" in request.query_params:
+            return self.stream(request)
+        if "echo" in request.query_params:
+            credential, _ = credential_of(request)
+            return JSONResponse({"you_sent": credential}, headers={"x-echo": credential or ""})
         return JSONResponse(
             {
                 "id": "msg_standin",
@@ -94,10 +105,8 @@ class LLMUpstream:
             }
         )
 
-    async def stream(self, request: Request) -> Response:
-        if refused := await self._record(request):
-            return refused
-        count = int(request.query_params.get("count", "3"))
+    def stream(self, request: Request) -> Response:
+        count = int(request.query_params["stream"])
         pause = float(request.query_params.get("pause", "0.5"))
 
         async def events() -> AsyncIterator[bytes]:
@@ -108,8 +117,6 @@ class LLMUpstream:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def echo(self, request: Request) -> Response:
-        if refused := await self._record(request):
-            return refused
-        credential, _ = credential_of(request)
-        return JSONResponse({"you_sent": credential}, headers={"x-echo": credential or ""})
+    async def other(self, request: Request) -> Response:
+        await self._record(request)
+        return JSONResponse({"type": "error", "error": {"type": "not_found_error", "message": "no such route"}}, 404)

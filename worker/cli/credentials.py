@@ -22,7 +22,7 @@ from worker.credentials.vault import CredentialKind, Vault, VaultCredential, Vau
 from worker.errors import ConfigurationError, InvalidRequest
 from worker.models import CredentialsSpec, GatewayBackend, LLMProvider, Strategy
 from worker.secret_store import SecretStore, check_tenant
-from worker.store import Store
+from worker.store import Rekey, Store
 
 secrets_app = typer.Typer(no_args_is_help=True, help="Per-tenant secrets, encrypted in Redis.")
 gateway_app = typer.Typer(no_args_is_help=True, help="Per-tenant gateway keys: rotate, spend, revoke.")
@@ -93,6 +93,26 @@ def secrets_delete(name: Annotated[str, typer.Argument(help="Secret name.")], te
     if not _secrets().delete(tenant, name):
         raise InvalidRequest(f"tenant {tenant} has no secret named {name}", field="name")
     output.line(f"deleted {name}")
+
+
+@secrets_app.command("rekey")
+def secrets_rekey(as_json: AsJson = False) -> None:
+    """Re-encrypt everything sealed in Redis (tenant secrets, gateway keys, vaults, daemon tokens and headers of
+    session records) with the first key of SANDBOX_WORKER_FERNET_KEY. Safe while workers run, and to run again.
+    Exits 1 when something could not be decrypted with any configured key."""
+    store = _store()
+    rekey = Rekey(store.redis, store.cipher)
+    SecretStore.from_store(store).rekey(rekey)
+    store.rekey(rekey)
+    counts = {"rotated": rekey.rotated, "current": rekey.current, "raced": rekey.raced}
+    if as_json:
+        output.json_doc({**counts, "unreadable": rekey.unreadable})
+    else:
+        output.line(", ".join(f"{name} {count}" for name, count in counts.items()))
+    for where in rekey.unreadable:
+        output.error(f"no configured Fernet key decrypts {where}", field="fernet_key")
+    if rekey.unreadable:
+        raise typer.Exit(1)
 
 
 # -- gateway ------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A strategy turns a request into a :class:`CredentialGrant`: environment variables and files for the daemon
 (values as ``SecretStr``) and the values to redact from anything we print. ``release`` undoes whatever the
 grant created for that request (a vault placeholder) when the session ends or its bring-up fails; it is keyed
-by the request, so a worker other than the one that granted can release.
+by the request, so a worker other than the one that granted can release. ``bind`` tells the strategy where the
+sandbox that got the grant lives, once it exists, so a credential that can be tied to it is.
 
 Every strategy of the registry (:mod:`worker.credentials`) subclasses :class:`RegisteredStrategy`: besides
 ``grant`` and ``release``, it names its settings block (``settings_model``) and builds itself from the worker's
@@ -12,6 +13,8 @@ settings (``from_settings``), or declines when they do not configure it.
 
 from __future__ import annotations
 
+import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,8 +40,11 @@ class CredentialGrant:
     files: Mapping[str, SecretStr] = field(default_factory=dict)
 
     def secret_values(self) -> list[str]:
-        """Every secret value this grant holds, for redaction."""
+        """Every secret value this grant holds, for redaction: the variables (keys, tokens, a vault's placeholder),
+        the files, and the tokens inside a file (an agent may print one field of its credentials file)."""
         values = [v.get_secret_value() for v in (*self.env.values(), *self.files.values())]
+        for content in self.files.values():
+            values += _tokens_in(content.get_secret_value())
         return [v for v in values if v]
 
     def __repr__(self) -> str:
@@ -48,6 +54,28 @@ class CredentialGrant:
         )
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")  # a key, token or JWT; not a date, a word or a URL
+
+
+def _tokens_in(content: str) -> list[str]:
+    """The token-like strings of a JSON credentials file, at any depth."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return []
+    found: list[str] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str) and _TOKEN.fullmatch(item):
+            found.append(item)
+    return found
+
+
 class CredentialStrategy(Protocol):
     """One way of giving an agent its LLM credentials."""
 
@@ -55,6 +83,11 @@ class CredentialStrategy(Protocol):
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
         """Credentials for this request; raises CredentialError (naming the field) when it cannot."""
+        ...
+
+    def bind(self, request: SessionRequest, source: str) -> None:
+        """The sandbox the grant went to is at ``source`` (its private address): restrict the credential to it
+        where the strategy can (the vault's placeholder)."""
         ...
 
     def release(self, request: SessionRequest) -> None:
@@ -78,6 +111,10 @@ class RegisteredStrategy(ABC):
     @abstractmethod
     def grant(self, request: SessionRequest) -> CredentialGrant:
         """Credentials for this request; raises CredentialError (naming the field) when it cannot."""
+
+    def bind(self, request: SessionRequest, source: str) -> None:
+        """Restrict the grant to the sandbox at ``source`` where the strategy can; most hand out a key as is."""
+        return None
 
     @abstractmethod
     def release(self, request: SessionRequest) -> None:

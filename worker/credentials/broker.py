@@ -74,6 +74,11 @@ class CredentialBroker:
             ) from None
         return strategy.grant(effective)
 
+    def bind(self, request: SessionRequest, grant: CredentialGrant, source: str) -> None:
+        """The sandbox ``grant`` went to is at ``source``: the granting strategy may tie its credential to it."""
+        if (strategy := self.strategies.get(grant.strategy)) is not None:
+            strategy.bind(request, source)
+
     def release(self, request: SessionRequest) -> None:
         """Release what any strategy holds for this request: releases are keyed by request and idempotent, so a
         tenant default changed since the grant cannot strand a placeholder."""

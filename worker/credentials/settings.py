@@ -13,13 +13,33 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from worker.models import LLMProvider
+from worker.errors import CredentialError
+from worker.models import LLMProvider, SessionRequest
 
 
 class SettingsBlock(BaseModel):
     """A block of the credentials settings: frozen, and unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TenantAllowList(SettingsBlock):
+    """The tenants a strategy that hands out the operator's own credential (``shared``, ``subscription``) serves:
+    none until the operator lists them."""
+
+    tenants: frozenset[str] = Field(
+        frozenset(),
+        description="Tenants allowed to use this strategy (JSON list); empty by default: every tenant not listed "
+        "is refused.",
+    )
+
+    def admit(self, request: SessionRequest, what: str, setting: str) -> None:
+        """Refuse a tenant the operator has not listed, naming it and the setting that would list it."""
+        if request.tenant_id not in self.tenants:
+            raise CredentialError(
+                f"tenant {request.tenant_id} may not use {what} (only the tenants in {setting} may)",
+                field="credentials.strategy",
+            )
 
 
 class ProviderURLs(SettingsBlock):
@@ -84,6 +104,12 @@ class EgressSettings(SettingsBlock):
         False, description="Allow vaults whose llm_base_url is plain http (a gateway on a private network)."
     )
     upstream_timeout: float = Field(600.0, gt=0, description="Seconds an upstream call may stay silent.")
+    bind_to_source: bool = Field(
+        True,
+        description="Accept a placeholder only from the private address of the sandbox it was issued to, where the "
+        "provider reports one (Docker). Turn off when the proxy does not see sandboxes' own addresses (NAT, a load "
+        "balancer in between).",
+    )
     placeholder_grace_seconds: int = Field(
         300, ge=0, description="A placeholder outlives its session's ttl by this much if it is never released."
     )

@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr
 
 from worker.credentials.agents import session_provider, token_grant
 from worker.credentials.base import CredentialGrant, RegisteredStrategy
-from worker.credentials.settings import ProviderURLs, SettingsBlock
+from worker.credentials.settings import ProviderURLs, TenantAllowList
 from worker.errors import CredentialError
 from worker.models import LLMProvider, SessionRequest, Strategy
 
@@ -17,14 +17,11 @@ if TYPE_CHECKING:
     from worker.store import Store
 
 
-class SharedSettings(SettingsBlock):
+class SharedSettings(TenantAllowList):
     """The organisation's own provider keys, for internal tenants only."""
 
     anthropic: SecretStr | None = Field(None, description="Shared Anthropic API key.")
     openai: SecretStr | None = Field(None, description="Shared OpenAI API key.")
-    tenants: frozenset[str] = Field(
-        frozenset(), description="Tenants allowed to use the shared keys (JSON list); every other tenant is refused."
-    )
 
     def key_for(self, provider: LLMProvider) -> SecretStr | None:
         key: SecretStr | None = getattr(self, provider.value)
@@ -50,12 +47,7 @@ class SharedOrgKey(RegisteredStrategy):
         return cls(shared, settings.credentials.provider_urls) if shared.enabled else None
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
-        if request.tenant_id not in self.settings.tenants:
-            raise CredentialError(
-                f"tenant {request.tenant_id} may not use the shared org key "
-                "(only the tenants in credentials.shared.tenants may)",
-                field="credentials.strategy",
-            )
+        self.settings.admit(request, "the shared org key", "credentials.shared.tenants")
         provider = session_provider(request)
         key = self.settings.key_for(provider)
         if key is None:

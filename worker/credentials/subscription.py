@@ -38,7 +38,7 @@ from pydantic import Field, SecretStr
 
 from worker.credentials.agents import KeyAuth, session_provider, token_grant
 from worker.credentials.base import CredentialGrant, RegisteredStrategy
-from worker.credentials.settings import ProviderURLs, SettingsBlock
+from worker.credentials.settings import ProviderURLs, TenantAllowList
 from worker.errors import CredentialError
 from worker.models import LLMProvider, SessionRequest, Strategy
 
@@ -53,8 +53,9 @@ CODEX_AUTH = ".codex/auth.json"
 OPENCODE_AUTH = ".local/share/opencode/auth.json"
 
 
-class SubscriptionSettings(SettingsBlock):
-    """A personal subscription logged in on the worker host (the agents' own config files)."""
+class SubscriptionSettings(TenantAllowList):
+    """A personal subscription logged in on the worker host (the agents' own config files), for the tenants
+    listed: it is one person's login, so no tenant gets it until the operator lists it."""
 
     home: Path | None = Field(
         None, description="HOME on the worker host whose agent config files are read (~/.claude, ~/.codex, ...)."
@@ -216,9 +217,9 @@ class PersonalSubscription(RegisteredStrategy):
     name = Strategy("subscription")
     settings_model = SubscriptionSettings
 
-    def __init__(self, home: Path, min_validity: float, provider_urls: ProviderURLs) -> None:
+    def __init__(self, home: Path, settings: SubscriptionSettings, provider_urls: ProviderURLs) -> None:
         self.home = home
-        self.min_validity = min_validity
+        self.settings = settings
         self.provider_urls = provider_urls
 
     @classmethod
@@ -227,11 +228,12 @@ class PersonalSubscription(RegisteredStrategy):
         subscription = settings.credentials.strategy_settings(cls.name, SubscriptionSettings)
         if subscription.home is None:
             return None
-        return cls(subscription.home, subscription.min_validity_seconds, settings.credentials.provider_urls)
+        return cls(subscription.home, subscription, settings.credentials.provider_urls)
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
+        self.settings.admit(request, "the worker host's subscription", "credentials.subscription.tenants")
         provider = session_provider(request)
-        found = discover(self.home, provider, min_validity=self.min_validity)
+        found = discover(self.home, provider, min_validity=self.settings.min_validity_seconds)
         if found.files:
             return CredentialGrant(strategy=self.name, files=found.files)
         return token_grant(

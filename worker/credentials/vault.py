@@ -9,8 +9,12 @@ bearer token for an endpoint of the right kind. Then:
 * the grant binds a fresh random placeholder to the session in Redis (``sw:egress:<sha256>`` → request,
   tenant, vault; ``sw:egress-request:<request_id>`` → that digest; both expire with the session's ttl);
 * the sandbox gets the placeholder as its API key and ``<egress public_url>/<llm host><llm path>`` as its
-  base URL (:mod:`worker.egress_proxy` forwards to that host only, with the real credential);
-* release deletes the binding: the placeholder is dead from then on.
+  base URL (:mod:`worker.egress_proxy` forwards to that host only, and only the engine's model API routes
+  (:data:`MODEL_ROUTES`), with the real credential);
+* once the sandbox exists, :meth:`VaultStrategy.bind` records its private address (Docker) beside the
+  binding, and the proxy refuses the placeholder from any other source address;
+* release deletes the binding: the placeholder is dead from then on (terminate, compensation, and the
+  reaper when the sandbox of a ready session vanishes).
 
 Redis never holds a placeholder, only its SHA-256; the real credential exists only sealed in the vault.
 """
@@ -47,6 +51,16 @@ class Engine(StrEnum):
 
 ENGINE_PROVIDERS = {Engine.claude: LLMProvider.anthropic, Engine.codex: LLMProvider.openai}
 DEFAULT_LLM_BASE_URLS = {Engine.claude: "https://api.anthropic.com", Engine.codex: "https://api.openai.com/v1"}
+# What the egress proxy forwards, per engine: (method, path relative to the vault's llm_base_url), matched
+# exactly against the raw request path, so no percent-encoding or dot segment reaches anything else. Claude: the
+# Anthropic Messages API as Claude Code and OpenCode call it (messages, and the token count); Claude Code's HEAD
+# probe of the base URL carries no key and gets 401. Codex: the OpenAI API under a base URL ending in /v1, as
+# Codex (Responses) and OpenAI-compatible gateways (Chat Completions) serve it, and the model list. Files,
+# batches, admin and organisation routes are not model calls and stay out.
+MODEL_ROUTES: dict[Engine, frozenset[tuple[str, str]]] = {
+    Engine.claude: frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")}),
+    Engine.codex: frozenset({("POST", "/responses"), ("POST", "/chat/completions"), ("GET", "/models")}),
+}
 
 
 class CredentialKind(StrEnum):
@@ -105,6 +119,12 @@ class Vault(BaseModel):
     @property
     def llm_base_url(self) -> str:
         return self.metadata.get("llm_base_url") or DEFAULT_LLM_BASE_URLS[self.engine]
+
+    def model_route(self, method: str, path: str) -> bool:
+        """Whether ``method path`` (the raw path the sandbox asked for on the LLM host) is one of the engine's model
+        API routes under ``llm_base_url``."""
+        base = urlsplit(self.llm_base_url).path.rstrip("/")
+        return path.startswith(base) and (method, path[len(base) :]) in MODEL_ROUTES[self.engine]
 
     def active_credential(self) -> VaultCredential:
         """The LLM credential: the one active credential, a static bearer token, not an MCP server's."""
@@ -183,6 +203,7 @@ class Binding(BaseModel):
     request_id: str
     tenant_id: str
     vault: str
+    source: str | None = None  # the sandbox's private address, once bound: the only address it is accepted from
 
 
 def _digest(placeholder: str) -> str:
@@ -205,6 +226,14 @@ class Placeholders:
         pipe.set(f"{PREFIX}egress-request:{request.request_id}", digest, ex=ttl_seconds)
         pipe.execute()
         return SecretStr(placeholder)
+
+    def bind_source(self, request_id: str, source: str) -> None:
+        """Accept the request's placeholder from ``source`` only (its sandbox's address); its expiry is kept."""
+        digest = self.redis.get(f"{PREFIX}egress-request:{request_id}")
+        raw = self.redis.get(f"{PREFIX}egress:{digest!s}") if digest else None
+        if raw:
+            bound = Binding.model_validate_json(raw).model_copy(update={"source": source})
+            self.redis.set(f"{PREFIX}egress:{digest!s}", bound.model_dump_json(), keepttl=True, xx=True)
 
     def release(self, request_id: str) -> None:
         digest = self.redis.getdel(f"{PREFIX}egress-request:{request_id}")
@@ -289,6 +318,12 @@ class VaultStrategy(RegisteredStrategy):
         ttl = request.sandbox.ttl_seconds + self.egress.placeholder_grace_seconds
         placeholder = self.placeholders.bind(request, vault.name, ttl)
         return token_grant(self.name, ENGINE_PROVIDERS[vault.engine], placeholder, base_url=self.proxy_url(vault))
+
+    def bind(self, request: SessionRequest, source: str) -> None:
+        """The sandbox that got the placeholder is at ``source`` (a Docker sandbox's private address): the proxy
+        accepts the placeholder from there only, unless ``egress.bind_to_source`` is off."""
+        if self.egress.bind_to_source:
+            self.placeholders.bind_source(request.request_id, source)
 
     def release(self, request: SessionRequest) -> None:
         self.placeholders.release(request.request_id)

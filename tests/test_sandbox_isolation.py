@@ -252,6 +252,12 @@ def forward_proxy(host_services: HostServices, tmp_path_factory: pytest.TempPath
         log.close()
 
 
+def _owned_ids(driver: DockerProvider) -> set[str]:
+    # sparse: other sessions' containers come and go meanwhile, and a full listing inspects each one.
+    found = driver.client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_OWNER}={OWNER}"})
+    return {container.id for container in found}
+
+
 def _listening(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
         return True
@@ -282,9 +288,9 @@ def test_the_egress_allow_list_lets_through_only_what_it_lists(
         driver.close()
 
     unconfigured = DockerProvider(DockerConfig(network=SANDBOX_NETWORK))
-    before = {c.id for c in unconfigured.client.containers.list(all=True)}
+    before = _owned_ids(unconfigured)
     with pytest.raises(InvalidRequest) as refused:
         unconfigured.start(spec)
     assert refused.value.field == "sandbox.egress"
-    assert {c.id for c in unconfigured.client.containers.list(all=True)} == before
+    assert _owned_ids(unconfigured) == before
     unconfigured.close()

@@ -13,6 +13,7 @@ SDK only inside the functions that call it, so loading the settings never needs 
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,15 @@ LABEL_EXPIRES_AT = "sandbox-worker-expires-at"
 
 # The exit code of a command killed at its deadline (SIGKILL: `timeout -s KILL` and Daytona's daemon alike).
 EXIT_KILLED_AT_TIMEOUT = 137
+
+
+def egress_network(entry: str) -> str | None:
+    """The IPv4 network an egress entry names (an address or CIDR with no port), or None for a host name, a
+    wildcard or an entry with a port: for providers whose allow-lists take networks only."""
+    try:
+        return str(ipaddress.IPv4Network(entry, strict=False))
+    except ValueError:
+        return None
 
 
 class ProviderConfig(BaseModel):
@@ -58,6 +68,10 @@ class SandboxSpec:
     ttl_seconds: int = 3600
     ports: tuple[int, ...] = ()
     idempotency_key: str | None = None
+    # Destinations the sandbox may reach beyond what the operator allows every sandbox (the request's
+    # sandbox.egress: host, *.domain or a CIDR, with an optional :port); each driver maps it onto what its
+    # provider enforces, or refuses it.
+    egress: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,9 +78,19 @@ from pydantic import Field, SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_random_exponential
 
-from providers.base import EXIT_KILLED_AT_TIMEOUT, Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
+from providers.base import (
+    EXIT_KILLED_AT_TIMEOUT,
+    Endpoint,
+    ExecResult,
+    Provider,
+    ProviderConfig,
+    Sandbox,
+    SandboxSpec,
+    egress_network,
+)
 from worker.errors import (
     ConfigurationError,
+    InvalidRequest,
     ProviderAuthError,
     ProviderError,
     ProviderRateLimited,
@@ -307,6 +317,15 @@ class DaytonaConfig(ProviderConfig):
     api_url: str = Field("https://app.daytona.io/api", description="Daytona API URL.")
     target: str | None = Field(None, description="Region; the organisation default when unset.")
     snapshot: str | None = Field("sandbox-worker", description="Snapshot with the daemon preinstalled.")
+    block_egress: bool = Field(
+        False,
+        description="Block sandboxes' outbound traffic but `egress_cidrs` (network_block_all / network_allow_list). "
+        "Daytona filters IPv4 networks only, not host names: the LLM endpoint must be listed by address.",
+    )
+    egress_cidrs: list[str] = Field(
+        default_factory=list,
+        description="IPv4 CIDRs every sandbox may reach when egress is blocked or the request lists sandbox.egress.",
+    )
     image: str | None = Field(None, description="Image to build from instead of a snapshot.")
     auto_delete_minutes: int = Field(
         0, ge=-1, description="Minutes after stop before Daytona deletes the sandbox (0 = at once)."
@@ -416,6 +435,19 @@ class DaytonaProvider(Provider):
 
     # ------------------------------------------------------------------------ start
 
+    def _network(self, spec: SandboxSpec) -> dict[str, Any]:
+        """Daytona's network options: an allow-list of IPv4 CIDRs (which blocks the rest) or block-all."""
+        networks = [egress_network(entry) for entry in spec.egress]
+        if None in networks:
+            raise InvalidRequest(
+                "sandbox.egress: daytona allows IPv4 addresses and CIDRs only, not host names, wildcards or ports",
+                field="sandbox.egress",
+            )
+        allow = [*self.config.egress_cidrs, *(n for n in networks if n)]
+        if spec.egress or (self.config.block_egress and allow):
+            return {"network_allow_list": ",".join(allow)}
+        return {"network_block_all": True} if self.config.block_egress else {}
+
     def _create_params(
         self, spec: SandboxSpec, labels: Mapping[str, str]
     ) -> CreateSandboxFromSnapshotParams | CreateSandboxFromImageParams:
@@ -423,6 +455,7 @@ class DaytonaProvider(Provider):
 
         minutes = _minutes(spec.ttl_seconds)
         common: dict[str, Any] = {
+            **self._network(spec),
             "env_vars": dict(spec.env),
             "labels": dict(labels),
             "public": False,

@@ -4,6 +4,11 @@ The container runs the image's idle command for the sandbox's ttl, then stops an
 (which may hold credentials) lives only in that process, never in the container's ``Config.Env``.
 The daemon port is published on ``publish_host`` (loopback by default) at a random host port.
 
+Isolation (providers/docker_isolation.py): sandboxes run on their own bridge network with inter-container
+traffic off and host rules that let them reach only the allowed host ports and destinations; every
+capability is dropped (``cap_add`` gives some back), ``no-new-privileges`` is set, and memory, CPU and process
+limits always apply (the request may ask for less or more, up to the configured maxima).
+
 The docker SDK (and its transport, requests) is imported where it is called, so :class:`DockerConfig` loads
 without it.
 """
@@ -16,9 +21,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from providers import docker_egress, docker_isolation
 from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker import pins
 from worker.errors import (
@@ -48,7 +55,48 @@ class DockerConfig(ProviderConfig):
         pins.SANDBOX_IMAGE, description="Default image; it must contain bash (and the daemon when preinstalled)."
     )
     publish_host: str = Field("127.0.0.1", description="Host address the daemon port is published on.")
-    network: str | None = Field(None, description="Docker network to attach sandboxes to.")
+    network: str | None = Field(
+        "sandbox-worker",
+        description="Docker network sandboxes run on. The driver creates it (bridge, inter-container traffic off) "
+        "and installs its host rules when `isolate` is on; unset: the engine's default bridge, no isolation.",
+    )
+    isolate: bool = Field(
+        True,
+        description="Create `network` with inter-container traffic off and install the engine host's packet "
+        "filter for it (see docs/operations.md, Sandbox network isolation) before the first sandbox starts.",
+    )
+    allowed_host_ports: list[int] = Field(
+        default_factory=list,
+        description="TCP ports of the engine host that sandboxes may connect to (on any host address): the "
+        "egress proxy's, a local LLM endpoint's. Every other host port is closed to them.",
+    )
+    allowed_destinations: list[str] = Field(
+        default_factory=list,
+        description="Destinations beyond the host that sandboxes may reach directly, as CIDR or CIDR:port (TCP), "
+        "e.g. 0.0.0.0/0:443. None by default; link-local addresses (cloud metadata) and other sandboxes never.",
+    )
+    forward_proxy_url: str | None = Field(
+        None,
+        description="URL sandboxes reach `sandbox-worker forward-proxy` at, e.g. http://172.17.0.1:8090: the way "
+        "out to `egress_always` and a request's `sandbox.egress` (HTTPS_PROXY). Its port is opened to sandboxes. "
+        "Unset: a request with `sandbox.egress` is refused.",
+    )
+    forward_proxy_key: SecretStr | None = Field(
+        None, description="Fernet key sealing the sandboxes' passes to the forward proxy (`sandbox-worker keygen`)."
+    )
+    egress_always: list[str] = Field(
+        default_factory=lambda: ["api.anthropic.com", "api.openai.com"],
+        description="Hosts every sandbox may reach through the forward proxy (the LLM endpoints): host, *.domain, "
+        "either with :port (443 and 80 without).",
+    )
+    no_proxy: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1"],
+        description="NO_PROXY of sandboxes when the forward proxy is set: hosts they reach directly (host services "
+        "on `allowed_host_ports`, e.g. the egress proxy's address).",
+    )
+    cap_add: list[str] = Field(
+        default_factory=list, description="Capabilities given back to sandboxes (every one is dropped)."
+    )
     idle_command: tuple[str, ...] = Field(
         ("sleep", "infinity"),
         description="Entrypoint that keeps the sandbox alive; the daemon is started beside it, so images whose "
@@ -56,6 +104,28 @@ class DockerConfig(ProviderConfig):
     )
     # The engine runs the daemon as the image's default user; keep sandboxes off the host's privileges.
     pids_limit: int = Field(512, gt=0, description="Process limit per sandbox container.")
+    cpu: float = Field(2.0, gt=0, description="CPU cores of a sandbox whose request names none.")
+    memory_mb: int = Field(4096, ge=128, description="Memory limit (MiB) of a sandbox whose request names none.")
+    max_cpu: float = Field(8.0, gt=0, description="Most CPU cores a request may ask for.")
+    max_memory_mb: int = Field(16384, ge=128, description="Most memory (MiB) a request may ask for.")
+
+    @field_validator("allowed_destinations")
+    @classmethod
+    def _destinations(cls, values: list[str]) -> list[str]:
+        for value in values:
+            docker_isolation.parse_destination(value)
+        return values
+
+    @model_validator(mode="after")
+    def _forward_proxy(self) -> DockerConfig:
+        if self.forward_proxy_url and self.forward_proxy_key is None:
+            raise ValueError("forward_proxy_url needs forward_proxy_key")
+        return self
+
+    def host_ports(self) -> list[int]:
+        """The host ports sandboxes may connect to: the allowed ones and the forward proxy's."""
+        proxy_port = urlsplit(self.forward_proxy_url).port if self.forward_proxy_url else None
+        return sorted({*self.allowed_host_ports, *([proxy_port] if proxy_port else [])})
 
 
 @contextmanager
@@ -92,6 +162,7 @@ class DockerProvider(Provider):
     def __init__(self, config: DockerConfig) -> None:
         self.config = config
         self._client: docker.DockerClient | None = None
+        self._isolated = False
 
     @property
     def client(self) -> docker.DockerClient:
@@ -122,6 +193,53 @@ class DockerProvider(Provider):
             private_address=address,
         )
 
+    def _isolate(self) -> None:
+        """The sandbox network and its host rules, once per driver (idempotent across workers)."""
+        config = self.config
+        if self._isolated or not (config.isolate and config.network):
+            return
+        with _map_docker_errors():
+            docker_isolation.install(
+                self.client, config.image, config.network, config.host_ports(), config.allowed_destinations
+            )
+        self._isolated = True
+
+    def _egress_env(self, spec: SandboxSpec) -> dict[str, str]:
+        """The proxy variables that send the sandbox's traffic through the forward proxy with its pass."""
+        config = self.config
+        if not (config.forward_proxy_url and config.forward_proxy_key):
+            if spec.egress:
+                raise InvalidRequest(
+                    "sandbox.egress: this worker has no forward proxy for Docker sandboxes (docker.forward_proxy_url)",
+                    field="sandbox.egress",
+                )
+            return {}
+        allow = [*config.egress_always, *spec.egress]
+        token = docker_egress.mint(config.forward_proxy_key, allow, time.time() + spec.ttl_seconds)
+        url = docker_egress.proxy_url(config.forward_proxy_url, token)
+        no_proxy = ",".join(config.no_proxy)
+        return {"HTTPS_PROXY": url, "HTTP_PROXY": url, "https_proxy": url, "http_proxy": url, "NO_PROXY": no_proxy,
+                "no_proxy": no_proxy}  # fmt: skip
+
+    def _limits(self, spec: SandboxSpec) -> dict[str, Any]:
+        config = self.config
+        cpu, memory_mb = spec.cpu or config.cpu, spec.memory_mb or config.memory_mb
+        if cpu > config.max_cpu:
+            raise InvalidRequest(f"sandbox.cpu: at most {config.max_cpu:g} on docker", field="sandbox.cpu")
+        if memory_mb > config.max_memory_mb:
+            raise InvalidRequest(
+                f"sandbox.memory_mb: at most {config.max_memory_mb} on docker", field="sandbox.memory_mb"
+            )
+        return {
+            "nano_cpus": int(cpu * 1e9),
+            "mem_limit": f"{memory_mb}m",
+            "memswap_limit": f"{memory_mb}m",  # no swap beyond the limit
+            "pids_limit": config.pids_limit,
+            "cap_drop": ["ALL"],
+            "cap_add": list(config.cap_add),
+            "security_opt": ["no-new-privileges:true"],
+        }
+
     def start(self, spec: SandboxSpec) -> Sandbox:
         options: dict[str, Any] = {
             "detach": True,
@@ -133,17 +251,14 @@ class DockerProvider(Provider):
             "auto_remove": True,
             "command": [],
             "labels": dict(spec.labels),
-            "environment": dict(spec.env),
+            "environment": {**spec.env, **self._egress_env(spec)},
             "ports": {f"{port}/tcp": (self.config.publish_host, None) for port in spec.ports},
-            "pids_limit": self.config.pids_limit,
+            **self._limits(spec),
         }
-        if spec.cpu:
-            options["nano_cpus"] = int(spec.cpu * 1e9)
-        if spec.memory_mb:
-            options["mem_limit"] = f"{spec.memory_mb}m"
         if self.config.network:
             options["network"] = self.config.network
         image = spec.image or self.config.image
+        self._isolate()
         with _map_docker_errors():
             container = self.client.containers.run(image, **options)
         deadline = time.monotonic() + self.config.start_timeout

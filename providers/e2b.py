@@ -29,7 +29,7 @@ import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import httpx
 from pydantic import Field, SecretStr
@@ -37,6 +37,7 @@ from pydantic import Field, SecretStr
 from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker.errors import (
     ConfigurationError,
+    InvalidRequest,
     ProviderAuthError,
     ProviderError,
     ProviderRateLimited,
@@ -153,6 +154,16 @@ class E2BConfig(ProviderConfig):
         description="When false, sandbox ports only answer requests carrying the sandbox's traffic access token "
         "(endpoint() adds it).",
     )
+    restrict_egress: bool = Field(
+        True,
+        description="Deny sandboxes every outbound destination but `egress_always` and the request's "
+        "sandbox.egress (E2B network deny_out 0.0.0.0/0 with allow_out); false: E2B's default, open internet.",
+    )
+    egress_always: list[str] = Field(
+        default_factory=lambda: ["api.anthropic.com", "api.openai.com"],
+        description="Hosts, addresses or CIDRs every sandbox may reach when egress is restricted: the LLM "
+        "endpoints (and the vault egress proxy's address).",
+    )
     retries: int = Field(
         3, ge=0, description="Control-plane retries of 429/502/503/504 answers (the SDK's own, with backoff)."
     )
@@ -205,9 +216,28 @@ class E2BProvider(Provider):
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
+    def _network(self, spec: SandboxSpec) -> e2b.SandboxNetworkOpts | None:
+        """E2B's network options: the port token, and the egress allow-list as deny-all plus allow_out (hosts,
+        addresses, CIDRs; E2B filters no ports and no wildcards, so such entries are refused)."""
+        network: dict[str, Any] = {} if self.config.public_traffic else {"allow_public_traffic": False}
+        for entry in spec.egress:
+            if ":" in entry or entry.startswith("*."):
+                raise InvalidRequest(
+                    f"sandbox.egress: e2b allows hosts, addresses and CIDRs, not ports or wildcards ({entry!r})",
+                    field="sandbox.egress",
+                )
+        if self.config.restrict_egress:
+            network.update(deny_out=["0.0.0.0/0"], allow_out=[*self.config.egress_always, *spec.egress])
+        elif spec.egress:
+            raise InvalidRequest(
+                "sandbox.egress: this worker leaves e2b sandboxes' egress open (e2b.restrict_egress)",
+                field="sandbox.egress",
+            )
+        return cast("e2b.SandboxNetworkOpts", network) if network else None
+
     def start(self, spec: SandboxSpec) -> Sandbox:
         # E2B templates fix CPU and memory, and every port is reachable: spec.cpu/memory_mb/ports do not apply.
-        network: e2b.SandboxNetworkOpts | None = None if self.config.public_traffic else {"allow_public_traffic": False}
+        network = self._network(spec)
         with _map_e2b_errors("create"):
             handle = self.client.Sandbox.create(
                 template=spec.image or self.config.template,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import re
 import socket
 import threading
 import time
@@ -34,6 +33,8 @@ from starlette.routing import Route
 from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandbox, SandboxSpec
 from worker import pins
 from worker.errors import SandboxGone
+
+_FRONT_TOKEN_ENV = "SANDBOX_WORKER_DAEMON_TOKEN"  # noqa: S105 - worker.daemon.FRONT_TOKEN_ENV, a variable name
 
 
 class FakeConfig(ProviderConfig):
@@ -114,14 +115,16 @@ class StandInDaemons:
         return JSONResponse({"path": request.query_params["path"], "bytesWritten": len(data)})
 
     async def _run(self, request: Request) -> Response:
-        """A command run by the daemon: one that starts a daemon (``--token=``) replaces this one, as in a sandbox."""
+        """A command run by the daemon: one that starts a new front (its token in ``SW_FRONT_TOKEN``) replaces this
+        daemon, as worker.daemon.replace_daemon does in a sandbox."""
         if not self._authorised(request):
             return JSONResponse({"type": "urn:sandbox-agent:error:token_invalid"}, status_code=401)
         body = await request.json()
-        started = re.search(r"--token=([A-Za-z0-9_-]+)", " ".join(body.get("args", [])))
-        if started:
+        env = dict(body.get("env") or {})
+        if token := env.pop("SW_FRONT_TOKEN", None):
+            env.pop("SW_FRONT", None)
             sandbox = request.path_params["sandbox"]
-            self.tokens[sandbox], self.env[sandbox] = started.group(1), dict(body.get("env") or {})
+            self.tokens[sandbox], self.env[sandbox] = token, env
         return JSONResponse({"exitCode": 0, "timedOut": False, "stdout": "", "stderr": ""})
 
     async def _acp(self, request: Request) -> Response:
@@ -221,16 +224,18 @@ class FakeProvider(Provider):
         self._live(sandbox.sandbox_id)
         if argv[-1:] == ["--version"]:
             return ExecResult(0, f"sandbox-agent {pins.SANDBOX_AGENT_VERSION}\n", "")
-        if argv[:2] == ["sh", "-c"] and argv[-1].endswith("sandbox-agent"):  # stop the daemon
+        if argv[:2] == ["sh", "-c"] and any(arg.endswith("/sandbox-agent") for arg in argv[3:]):  # stop the daemon
             self.daemons.tokens.pop(sandbox.sandbox_id, None)
         return ExecResult(0, "", "")
 
     def spawn(self, sandbox: Sandbox, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
         self._call("spawn")
         self._live(sandbox.sandbox_id)
-        token = next(arg.partition("=")[2] for arg in argv if arg.startswith("--token="))
-        self.daemons.tokens[sandbox.sandbox_id] = token
-        self.daemons.env[sandbox.sandbox_id] = dict(env)
+        # worker.daemon starts the daemon, then its front, which alone holds the token (in FRONT_TOKEN_ENV).
+        if _FRONT_TOKEN_ENV in env:
+            self.daemons.tokens[sandbox.sandbox_id] = env[_FRONT_TOKEN_ENV]
+        else:
+            self.daemons.env[sandbox.sandbox_id] = dict(env)
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         self._call("upload")

@@ -79,6 +79,8 @@ if [[ -n "$LLM" ]]; then
     export SANDBOX_WORKER_CREDENTIALS__SHARED__TENANTS="[\"$TENANT\"]"
     export SANDBOX_WORKER_CREDENTIALS__PROVIDER_URLS__ANTHROPIC="$LLM_URL"
     export SANDBOX_WORKER_CREDENTIALS__PROVIDER_URLS__OPENAI="$LLM_URL/v1"
+    # Sandboxes reach no host port the operator has not allowed (docs/operations.md, Sandbox network isolation).
+    export SANDBOX_WORKER_DOCKER__ALLOWED_HOST_PORTS="[$PORT]"
     SUBMIT_ARGS+=(--strategy shared --prompt "Write hi to $TOOL_FILE with a shell command. [scenario:tool]")
 else
     echo "== LLM: none (the mock agent answers by itself)"

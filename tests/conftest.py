@@ -25,6 +25,7 @@ import pytest
 import redis as redis_lib
 from cryptography.fernet import Fernet
 
+from providers import docker_isolation
 from tests.standins.server import free_port
 from worker import pins
 from worker.config import Settings, get_settings
@@ -32,6 +33,9 @@ from worker.config import Settings, get_settings
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 OWNER = f"swtest-{uuid.uuid4().hex[:10]}"
+# Each test session's Docker sandboxes get a network (and host rules) of their own: the rules are rebuilt from the
+# worker's settings, so sessions run side by side must not share them. Removed at the end of the session.
+SANDBOX_NETWORK = f"sw-{OWNER}"
 FERNET_KEY = Fernet.generate_key().decode()
 
 # Variables a developer's shell may carry that would change what the tests see.
@@ -130,6 +134,7 @@ def base_env(redis_server: RedisServer) -> dict[str, str]:
         "SANDBOX_WORKER_HEALTH_TIMEOUT": "15",
         # One trusted sender: tests of signed requests set their apps themselves (tests/test_auth_integration.py).
         "SANDBOX_WORKER_AUTH__MODE": "open",
+        "SANDBOX_WORKER_DOCKER__NETWORK": SANDBOX_NETWORK,
     }
 
 
@@ -202,6 +207,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
     yield client
     for container in client.containers.list(all=True, filters={"label": f"sandbox-worker-owner={OWNER}"}):
         container.remove(force=True)
+    docker_isolation.remove(client, pins.SANDBOX_IMAGE, SANDBOX_NETWORK)
     client.close()
 
 

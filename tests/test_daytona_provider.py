@@ -20,7 +20,7 @@ from tests.standins.daytona import DaytonaStandIn
 from tests.standins.faults import Fault
 from tests.standins.sse_server import SOURCE as SSE_SOURCE
 from worker import pins
-from worker.errors import ProviderAuthError, ProviderError, ProviderUnavailable, SandboxGone
+from worker.errors import InvalidRequest, ProviderAuthError, ProviderError, ProviderUnavailable, SandboxGone
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -419,3 +419,27 @@ def test_standin_sessions_behave_like_daytona(standin: DaytonaStandIn, provider:
             await handle.process.delete_session("s1")
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_egress_maps_onto_daytonas_cidr_allow_list(
+    standin: DaytonaStandIn, provider: DaytonaProvider, owner: str
+) -> None:
+    """A request's CIDRs become network_allow_list (after the operator's); blocking with no list is block-all;
+    a host name, which Daytona cannot filter on, is refused naming the field before any create."""
+    listing = DaytonaProvider(_config(standin.api_url, block_egress=True, egress_cidrs=["10.9.0.0/16"]))
+    blocking = DaytonaProvider(_config(standin.api_url, block_egress=True))
+    try:
+        listed = listing.start(_spec(owner, egress=("192.0.2.7",)))
+        blocked = blocking.start(_spec(owner))
+        described = [standin.describe(s.sandbox_id) or {} for s in (listed, blocked)]
+        assert described[0]["networkAllowList"] == "10.9.0.0/16,192.0.2.7/32"
+        assert (described[1]["networkBlockAll"], described[1]["networkAllowList"]) == (True, None)
+
+        creates = _creates(standin)
+        with pytest.raises(InvalidRequest) as refused:
+            provider.start(_spec(owner, egress=("pypi.org",)))
+        assert refused.value.field == "sandbox.egress"
+        assert _creates(standin) == creates
+    finally:
+        listing.close()
+        blocking.close()

@@ -22,6 +22,7 @@ from tests.standins.sse_server import SOURCE as SSE_SOURCE
 from worker import pins
 from worker.errors import (
     ConfigurationError,
+    InvalidRequest,
     ProviderAuthError,
     ProviderError,
     ProviderRateLimited,
@@ -467,3 +468,19 @@ def test_standin_command_deadline_kills_but_disconnect_does_not(e2b_server: E2BS
     wait_for(lambda: not sandbox.commands.list(), 10, 0.1, "the killed command to end")
     assert sandbox.commands.kill(survivor.pid) is False
     sandbox.kill()
+
+
+def test_egress_is_denied_but_for_the_llm_hosts_and_the_requests_list(
+    provider: E2BProvider, e2b_server: E2BStandIn
+) -> None:
+    """The SDK sends E2B deny-all plus allow_out (the operator's hosts, then the request's); an entry E2B cannot
+    enforce (a port) is refused naming the field, before any create."""
+    provider.start(spec(egress=("pypi.org", "10.1.0.0/16")))
+    [create] = e2b_server.create_requests
+    assert create["body"]["network"]["denyOut"] == ["0.0.0.0/0"]
+    assert create["body"]["network"]["allowOut"] == ["api.anthropic.com", "api.openai.com", "pypi.org", "10.1.0.0/16"]
+
+    with pytest.raises(InvalidRequest) as refused:
+        provider.start(spec(egress=("pypi.org:443",)))
+    assert refused.value.field == "sandbox.egress"
+    assert len(e2b_server.create_requests) == 1

@@ -38,15 +38,29 @@ DAEMON_PATH = "/usr/local/bin/sandbox-agent"
 DAEMON_LOG = "/tmp/sandbox-agent.log"  # noqa: S108 - a path inside the sandbox, not on the worker
 AGENT_PROCESS_DIR = "/root/.local/share/sandbox-agent/bin/agent_processes"
 MOCK_AGENT_ASSET = "mock-acp"
+# The token-holding front on the published port (see worker/assets/daemon-front): the daemon itself listens on
+# the sandbox's loopback, one port up, with no token on its command line.
+FRONT_ASSET = "daemon-front"
+FRONT_PATH = "/usr/local/lib/sandbox-worker/daemon-front"
+FRONT_TOKEN_ENV = "SANDBOX_WORKER_DAEMON_TOKEN"  # noqa: S105 - a variable name, not a value
 
 
 def new_token() -> SecretStr:
     return SecretStr(secrets.token_urlsafe(32))
 
 
+def _asset(name: str) -> bytes:
+    return resources.files("worker").joinpath("assets", name).read_bytes()
+
+
 def mock_agent_script() -> bytes:
     """The stand-in ACP agent shipped with the worker (installed as the ``mock`` agent's process)."""
-    return resources.files("worker").joinpath("assets", MOCK_AGENT_ASSET).read_bytes()
+    return _asset(MOCK_AGENT_ASSET)
+
+
+def loopback_port(port: int) -> int:
+    """Where the daemon listens on the sandbox's loopback, behind the front on ``port``."""
+    return port + 1 if port < 65535 else port - 1
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,8 +102,22 @@ def start_daemon(
     cwd: str,
     env: Mapping[str, SecretStr | str],
 ) -> None:
-    """Start ``sandbox-agent server`` from the workspace with the session's environment."""
-    provider.spawn(sandbox, _server_argv(token, port), env=_process_env(env), cwd=cwd, log_path=DAEMON_LOG)
+    """Start ``sandbox-agent server`` from the workspace with the session's environment, behind its front.
+
+    0.4.2 takes a token only as ``--token``, and a Docker sandbox's command lines are readable by every user of
+    the host, so the token never goes on one: the daemon listens with ``--no-token`` on the sandbox's loopback
+    (nothing outside the sandbox reaches it) and the front on ``port`` holds the token in its environment,
+    readable only by its own uid, and lets through only connections that present it."""
+    process_env = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in env.items()}
+    process_env.update(
+        SANDBOX_AGENT_LOG_STDOUT="1",
+        # Fail fast instead of a silent implicit install on the first ACP POST.
+        SANDBOX_AGENT_REQUIRE_PREINSTALL="1",
+    )
+    provider.upload(sandbox, FRONT_PATH, _asset(FRONT_ASSET), mode=0o755)
+    provider.spawn(sandbox, _server_argv(port), env=_process_env(env), cwd=cwd, log_path=DAEMON_LOG)
+    front_env = {FRONT_TOKEN_ENV: token.get_secret_value()}
+    provider.spawn(sandbox, ["python3", FRONT_PATH, *_front_ports(port)], env=front_env, cwd="/", log_path=DAEMON_LOG)
 
 
 def _process_env(env: Mapping[str, SecretStr | str]) -> dict[str, str]:
@@ -102,11 +130,21 @@ def _process_env(env: Mapping[str, SecretStr | str]) -> dict[str, str]:
     return process_env
 
 
-def _server_argv(token: SecretStr, port: int) -> list[str]:
+def _front_ports(port: int) -> list[str]:
+    return [str(port), str(loopback_port(port))]
+
+
+def _server_argv(port: int) -> list[str]:
     return [
-        DAEMON_PATH, "server", "--no-telemetry", "--host", "0.0.0.0", "--port", str(port),  # noqa: S104
-        f"--token={token.get_secret_value()}",  # "=": a token may start with "-"
-    ]  # fmt: skip
+        DAEMON_PATH,
+        "server",
+        "--no-telemetry",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(loopback_port(port)),
+        "--no-token",
+    ]
 
 
 def replace_daemon(
@@ -118,20 +156,28 @@ def replace_daemon(
     env: Mapping[str, SecretStr | str],
     files: Mapping[str, bytes],
 ) -> None:
-    """Replace a running daemon no agent runs under yet (a warm pool's) by one with the session's token, environment,
-    files and cwd, through the running daemon's own file and process API: no provider exec (~100 ms each on Docker).
+    """Replace a running daemon no agent runs under yet (a warm pool's) and its front by ones with the session's
+    token, environment, files and cwd, through the running daemon's own file and process API: no provider exec
+    (~100 ms each on Docker).
 
-    The launcher leaves a detached script behind that kills the running daemon and becomes the new one, so the
-    running daemon may die before it answers: the caller checks the outcome with the new token (health)."""
+    The launcher leaves a detached script behind that kills the running daemon and front, starts the new front
+    (the token only in its environment) and becomes the new daemon, so the running daemon may die before it
+    answers: the caller checks the outcome with the new token (health)."""
     for path, content in files.items():
         response = current.http.put("/v1/fs/file", params={"path": path}, content=content)
         raise_for_problem(response)
     launcher = "export SW_DAEMON_PID=$PPID && " + detached_command(
-        ["setsid", "sh", "-c", _REPLACE_DAEMON, *_server_argv(token, port)], cwd=cwd, log_path=DAEMON_LOG
+        ["setsid", "sh", "-c", _REPLACE_DAEMON, *_server_argv(port)], cwd=cwd, log_path=DAEMON_LOG
     )
     if files:  # the file API writes with the default mode; credentials and configs are the agent's alone
         launcher = f"chmod 600 {shlex.join(files)} && {launcher}"
-    body = {"command": "sh", "args": ["-c", launcher], "env": {"PATH": _PATH, **_process_env(env)}, "timeoutMs": 10_000}
+    front = {"SW_FRONT": " ".join([FRONT_PATH, *_front_ports(port)]), "SW_FRONT_TOKEN": token.get_secret_value()}
+    body = {
+        "command": "sh",
+        "args": ["-c", launcher],
+        "env": {"PATH": _PATH, **_process_env(env), **front},
+        "timeoutMs": 10_000,
+    }
     try:
         response = current.http.post("/v1/processes/run", json=body)
     except httpx.TransportError:
@@ -143,11 +189,11 @@ def replace_daemon(
         raise DaemonError(f"replacing the daemon failed: the launcher exited {result.get('exitCode')}: {output}")
 
 
-# Stops every `sandbox-agent server` in the sandbox (its agents exit with it) and waits for it to go, so a new one
-# can bind the port. Plain sh and /proc: minimal images have no procps.
+# Stops every `sandbox-agent server` and daemon front in the sandbox (the agents exit with the daemon) and waits
+# for them to go, so new ones can bind the ports. Plain sh and /proc: minimal images have no procps.
 _STOP_DAEMON = r"""
 pids() { for p in /proc/[0-9]*; do
-  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*) echo "${p#/proc/}";; esac; done; }
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*|"python3 $1 "*) echo "${p#/proc/}";; esac; done; }
 for pid in $(pids); do kill -TERM "$pid" 2>/dev/null; done
 for _ in $(seq 50); do [ -z "$(pids)" ] && exit 0; sleep 0.1; done
 for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
@@ -157,13 +203,22 @@ for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Run by the running daemon (its process API), so the launcher's parent is that daemon: the launcher passes its pid
-# as SW_DAEMON_PID. Kills it (SIGKILL: nothing runs under it to end cleanly), waits with shell builtins only until it
-# is dead (gone, or a zombie: PID 1 of a container may never reap it), then becomes the new daemon.
+# as SW_DAEMON_PID. Kills it and its front (SIGKILL: nothing runs under them to end cleanly), waits until they are
+# dead (gone, or zombies: PID 1 of a container may never reap them) so the ports are free, starts the new front with
+# the token in its environment only, and becomes the new daemon.
 _REPLACE_DAEMON = r"""
 pid=$SW_DAEMON_PID; unset SW_DAEMON_PID
 [ "$(readlink "/proc/$pid/exe")" = "$0" ] || { echo "parent $pid is not $0" >&2; exit 1; }
 kill -KILL "$pid"
+for p in /proc/[0-9]*; do
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "python3 $SW_FRONT "*) kill -KILL "${p#/proc/}";; esac; done
 while read -r _ _ state _ < "/proc/$pid/stat" 2>/dev/null && [ "$state" != Z ]; do sleep 0.005; done
+for _ in $(seq 200); do
+  busy=; for p in /proc/[0-9]*; do
+    case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "python3 $SW_FRONT "*) busy=1;; esac; done
+  [ -z "$busy" ] && break; sleep 0.005; done
+SANDBOX_WORKER_DAEMON_TOKEN=$SW_FRONT_TOKEN python3 $SW_FRONT &
+unset SW_FRONT SW_FRONT_TOKEN
 exec "$0" "$@"
 """
 
@@ -171,7 +226,7 @@ exec "$0" "$@"
 def stop_daemon(provider: Provider, sandbox: Sandbox) -> None:
     """End the daemon a previous attempt started, so the session's daemon starts with this attempt's
     environment (credentials may differ: a vault placeholder is per grant)."""
-    result = provider.exec(sandbox, ["sh", "-c", _STOP_DAEMON, DAEMON_PATH], timeout=30)
+    result = provider.exec(sandbox, ["sh", "-c", _STOP_DAEMON, DAEMON_PATH, FRONT_PATH], timeout=30)
     if not result:
         raise DaemonError(f"could not stop the previous daemon (exit code {result.exit_code})")
 

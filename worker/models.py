@@ -79,6 +79,11 @@ def _allowed_env_name(name: str) -> str:
 EnvName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"), AfterValidator(_allowed_env_name)
 ]
+# host, *.domain or an IPv4 address/CIDR, with an optional :port.
+EgressEntry = Annotated[
+    str, StringConstraints(pattern=r"^(\*\.)?[A-Za-z0-9][A-Za-z0-9.-]{0,252}(/[0-9]{1,2})?(:[0-9]{1,5})?$")
+]
+EGRESS_MAX = 32
 
 
 # Bounds on what a request may carry, so that an oversized one is refused at claim naming its field instead of
@@ -191,6 +196,14 @@ class SandboxOptions(_Strict):
     )
     labels: dict[Identifier, Annotated[str, StringConstraints(max_length=128)]] = Field(
         default_factory=dict, max_length=LABELS_MAX, description=f"Extra labels on the sandbox (up to {LABELS_MAX})."
+    )
+    egress: list[EgressEntry] = Field(
+        default_factory=list,
+        max_length=EGRESS_MAX,
+        description="Destinations the sandbox may reach besides the LLM endpoint and what the operator allows "
+        "every sandbox: host, *.domain or an IPv4 address/CIDR, each with an optional :port. Empty (the default): "
+        "nothing else. What each provider can enforce differs (docs/providers.md); one that cannot enforce an "
+        "entry refuses the request.",
     )
 
     @field_validator("env")

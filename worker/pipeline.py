@@ -480,6 +480,7 @@ class Pipeline:
             ttl_seconds=request.sandbox.ttl_seconds,
             ports=(settings.daemon_port,),
             idempotency_key=f"{request.request_id}-{record.attempts}",
+            egress=tuple(request.sandbox.egress),
         )
         attempt.sandbox = self.retries.in_stage(lambda: provider.start(spec))
         record.expires_at = until

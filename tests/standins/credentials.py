@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker
 import httpx
@@ -232,8 +233,11 @@ class CredentialStack:
         proxy_port_env = {"SANDBOX_WORKER_CREDENTIALS__EGRESS__ALLOW_HTTP_UPSTREAMS": "true"}
         self.proxy = EgressProxyProcess({**self.base_env, **proxy_port_env}, self.bridge, self.workdir / "proxy.log")
         self.proxy.start()
+        reached = [self.proxy.url, *(self.urls[name] for name in [*self.gateways, "provider_api"])]
         self.env = {
             **proxy_port_env,
+            # The sandboxes connect to these host services on the bridge address; every other host port is closed.
+            "SANDBOX_WORKER_DOCKER__ALLOWED_HOST_PORTS": json.dumps([urlsplit(url).port for url in reached]),
             "SANDBOX_WORKER_CREDENTIALS__EGRESS__PUBLIC_URL": self.proxy.url,
             "SANDBOX_WORKER_CREDENTIALS__PROVIDER_URLS__ANTHROPIC": self.urls["provider_api"],
             "SANDBOX_WORKER_CREDENTIALS__PROVIDER_URLS__OPENAI": f"{self.urls['provider_api']}/v1",

@@ -184,6 +184,7 @@ class _Sandbox:
     stopped_at: float | None = None
     shell: str | None = None
     sessions: dict[str, _Session] = field(default_factory=dict)
+    network_allow_list: str | None = None
 
     def touch(self) -> None:
         self.last_activity = time.time()
@@ -435,6 +436,7 @@ class DaytonaStandIn:
             "labels": dict(sandbox.labels),
             "public": sandbox.public,
             "networkBlockAll": sandbox.network_block_all,
+            "networkAllowList": sandbox.network_allow_list,
             "target": sandbox.target,
             "cpu": sandbox.cpu,
             "gpu": sandbox.gpu,
@@ -580,6 +582,7 @@ class DaytonaStandIn:
             labels=dict(labels),
             public=bool(body.get("public", False)),
             network_block_all=bool(body.get("networkBlockAll", False)),
+            network_allow_list=body.get("networkAllowList"),
             target=body.get("target") or self.target,
             cpu=int(body.get("cpu") or 1),
             gpu=int(body.get("gpu") or 0),

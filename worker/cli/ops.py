@@ -1,5 +1,5 @@
 """Running the fleet on the ``sandbox-worker`` command: ``worker``, ``reap``, ``batch run FILE``,
-``batch status RUN_ID``, the ``settings`` reference and the Redis users (``redis-acl``).
+``batch status RUN_ID``, ``forward-proxy``, the ``settings`` reference and the Redis users (``redis-acl``).
 
 Redis, Celery and the runtime are imported only when a command runs.
 """
@@ -209,7 +209,30 @@ def redis_acl(
     output.show(plain(f"applied: users {app_user} and {worker_user}"))
 
 
+def forward_proxy(
+    host: Annotated[str, typer.Option(help="Listen address: one sandboxes reach, e.g. the bridge gateway.")],
+    port: Annotated[int, typer.Option(help="Listen port (the port of docker.forward_proxy_url).")],
+    allow_private: Annotated[
+        bool, typer.Option(help="Let listed names resolve to private, loopback or link-local addresses.")
+    ] = False,
+) -> None:
+    """Run the forward proxy that enforces Docker sandboxes' egress allow-lists (docs/operations.md)."""
+    import asyncio
+
+    from providers.docker import DockerConfig
+    from providers.docker_egress import ForwardProxy
+    from worker.config import get_settings
+
+    _log_to_stderr()
+    config = get_settings().provider_config("docker")
+    key = config.forward_proxy_key if isinstance(config, DockerConfig) else None
+    if key is None:
+        raise output.fail("SANDBOX_WORKER_DOCKER__FORWARD_PROXY_KEY is not set")
+    asyncio.run(ForwardProxy(key, allow_private=allow_private).serve(host, port))
+
+
 def register(app: typer.Typer) -> None:
+    app.command("forward-proxy")(forward_proxy)
     app.command()(worker)
     app.command()(reap)
     app.command("redis-acl")(redis_acl)

@@ -12,17 +12,20 @@ Facts this module relies on (verified against 0.4.2, see docs/architecture.md):
 
 from __future__ import annotations
 
+import functools
 import secrets
+import ssl
 import time
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import certifi
 import httpx
 import structlog
 from pydantic import SecretStr
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_incrementing
 
 from providers.base import Endpoint, Provider, Sandbox
 from worker import pins
@@ -52,10 +55,20 @@ def mock_agent_script() -> bytes:
 
 def install_daemon(provider: Provider, sandbox: Sandbox, mode: InstallMode, binary: Path) -> None:
     """Make sure the pinned daemon is in the sandbox: upload the static binary, or check the image has it."""
+    put_daemon(provider, sandbox, mode, binary)
+    check_daemon(provider, sandbox)
+
+
+def put_daemon(provider: Provider, sandbox: Sandbox, mode: InstallMode, binary: Path) -> None:
+    """Upload the static binary when the mode says so (a preinstalled image has it already)."""
     if mode is InstallMode.upload:
         if not binary.is_file():
             raise DaemonError(f"daemon binary not found on the worker at {binary} (run scripts/setup.sh)")
         provider.upload(sandbox, DAEMON_PATH, binary.read_bytes(), mode=0o755)
+
+
+def check_daemon(provider: Provider, sandbox: Sandbox) -> None:
+    """The daemon in the sandbox is the pinned version."""
     version = provider.exec(sandbox, [DAEMON_PATH, "--version"], timeout=30)
     expected = f"sandbox-agent {pins.SANDBOX_AGENT_VERSION}"
     if not version or not version.stdout.strip().startswith(expected):
@@ -146,6 +159,13 @@ def daemon_log_tail(provider: Provider, sandbox: Sandbox, lines: int = 15) -> st
 # HTTP client
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context per worker process: loading the CA bundle costs ~50 ms of CPU, which httpx would otherwise
+    spend on every client it builds, that is on every session (daemons behind a provider's edge speak HTTPS)."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class DaemonClient:
     """A small httpx client for one daemon. The token is sent as ``Authorization: Bearer``."""
 
@@ -160,7 +180,12 @@ class DaemonClient:
         self.endpoint = endpoint
         headers = {**endpoint.headers, "Authorization": f"Bearer {token.get_secret_value()}"}
         self.http = httpx.Client(
-            base_url=endpoint.url, headers=headers, timeout=timeout, transport=transport, follow_redirects=False
+            base_url=endpoint.url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
+            verify=_tls(),
         )
 
     def __repr__(self) -> str:
@@ -177,7 +202,9 @@ class DaemonClient:
         return response.status_code == 200 and response.json().get("status") == "ok"
 
     def wait_healthy(self, timeout: float) -> float:
-        """Poll ``/v1/health`` until it answers ok; returns the seconds it took."""
+        """Poll ``/v1/health`` until it answers ok; returns the seconds it took. A daemon is up within a few hundred
+        ms and the engine's port proxy accepts connections before it listens, so there is no event to await: the
+        probe starts at every 10 ms (a refused probe costs well under a millisecond) and slows down after that."""
         started = time.monotonic()
 
         class _NotYet(Exception):
@@ -190,7 +217,7 @@ class DaemonClient:
         try:
             for attempt in Retrying(
                 retry=retry_if_exception_type(_NotYet),
-                wait=wait_exponential(multiplier=0.02, max=0.5),
+                wait=wait_incrementing(start=0.01, increment=0.005, max=0.25),
                 stop=stop_after_delay(timeout),
                 reraise=True,
             ):

@@ -207,6 +207,7 @@ class Pipeline:
         if record.result.state.terminal:
             return record.result
         record.attempts += 1
+        record.result.started_at = time.time()
         attempt = _Attempt(record=record, lease=lease)
         structlog.contextvars.bind_contextvars(request_id=request.request_id, tenant_id=request.tenant_id)
         try:
@@ -306,6 +307,7 @@ class Pipeline:
         with self._stage(attempt, "ready"):
             record.result.state = SessionState.ready
             record.result.error = None
+            record.result.ready_at = time.time()
         self.store.put(record)
         log.info("session ready", sandbox_id=sandbox.sandbox_id, timings_ms=attempt.timings)
         return record.result
@@ -450,12 +452,7 @@ class Pipeline:
         token = attempt.token = daemon.new_token()
         record.daemon_token = self.store.cipher.encrypt(token)
         self.store.put(record)
-        retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
-        retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
-        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
-        for path, content in files.items():
-            upload = functools.partial(provider.upload, sandbox, f"{HOME}/{path}", content.encode(), mode=0o600)
-            retry(upload)
+        retry(lambda: daemon.put_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
         start = functools.partial(
             daemon.start_daemon,
             provider,
@@ -466,6 +463,14 @@ class Pipeline:
             env=environment.daemon_env,
         )
         retry(start)
+        # The daemon boots while the rest is put in place: the agent process that reads these files starts only at
+        # the session stage's first ACP request, and a daemon of the wrong version fails here all the same.
+        retry(lambda: daemon.check_daemon(provider, sandbox))
+        retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
+        files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
+        for path, content in files.items():
+            upload = functools.partial(provider.upload, sandbox, f"{HOME}/{path}", content.encode(), mode=0o600)
+            retry(upload)
         endpoint = retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:

@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed sessions per scenario (after one warm-up)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}")
     parser.add_argument("--burst", type=int, default=100, help="sessions submitted at once by the burst scenario")
+    parser.add_argument("--ceiling-sessions", type=int, default=300, help="sessions of the ceiling scenario")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="no new timed run starts after this")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
     configure_logging("console", level=logging.WARNING)
     console = Console(stderr=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    bench = Bench(args.runs, args.max_seconds, args.burst)
+    bench = Bench(args.runs, args.max_seconds, args.burst, args.ceiling_sessions)
     rows: list[Row] = []
     try:
         for name in names:

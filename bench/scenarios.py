@@ -149,13 +149,11 @@ def _thread_cpu_seconds(native_id: int | None) -> float:
     return ticks / 100.0
 
 
-CEILING_SESSIONS = 300
-
-
 def ceiling(bench: Bench) -> Row:
     """The orchestration alone: Pipeline.create with a null provider and stand-in daemons (providers/fake.py), real
     Redis, one process, sessions one after another. Worker CPU excludes the stand-in daemons' thread."""
-    row = Row("ceiling", f"{CEILING_SESSIONS} sessions in one process: null provider, stand-in daemon, real Redis")
+    sessions = bench.ceiling_sessions
+    row = Row("ceiling", f"{sessions} sessions in one process: null provider, stand-in daemon, real Redis")
     settings = bench.settings()
     store = Store.from_settings(settings)
     provider = FakeProvider()
@@ -166,7 +164,7 @@ def ceiling(bench: Bench) -> Row:
             pipeline.create(bench.request("mock"))
         cpu_before, daemon_before = time.process_time(), _thread_cpu_seconds(stand_in.native_id)
         started = time.perf_counter()
-        for _ in range(CEILING_SESSIONS):
+        for _ in range(sessions):
             payload = bench.request("mock")
             began = time.perf_counter()
             result = pipeline.create(payload)
@@ -183,9 +181,9 @@ def ceiling(bench: Bench) -> Row:
         with contextlib.suppress(redis.RedisError):
             store.redis.close()
     row.extra = {
-        "sessions_per_s": round(CEILING_SESSIONS / wall, 1),
-        "worker_cpu_ms_per_session": round(worker_cpu * 1000 / CEILING_SESSIONS, 2),
-        "stand_in_daemon_cpu_ms_per_session": round(daemon_cpu * 1000 / CEILING_SESSIONS, 2),
+        "sessions_per_s": round(sessions / wall, 1),
+        "worker_cpu_ms_per_session": round(worker_cpu * 1000 / sessions, 2),
+        "stand_in_daemon_cpu_ms_per_session": round(daemon_cpu * 1000 / sessions, 2),
     }
     return row
 

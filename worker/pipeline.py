@@ -233,10 +233,13 @@ class Pipeline:
     # -- the stage runner ---------------------------------------------------------------------------------
     def _checkpoint(self, attempt: _Attempt, stage: str) -> None:
         """Stop here when our lease ran out or someone asked for the session to end. The lease is asked of Redis,
-        not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices."""
-        if not attempt.lease.held():
+        not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices.
+        Both are asked in one round trip (its holder is our worker id)."""
+        holder, terminating = self.store.checkpoint(attempt.record.request.request_id)
+        if attempt.lease.lost.is_set() or holder != self.worker_id:
+            attempt.lease.lost.set()
             raise _LeaseLost
-        if self.store.terminate_requested(attempt.record.request.request_id):
+        if terminating:
             raise Terminated("terminated while starting", stage=stage)
 
     @contextlib.contextmanager

@@ -234,6 +234,15 @@ class Store:
     def terminate_requested(self, request_id: str) -> bool:
         return bool(self.redis.exists(f"{PREFIX}terminate:{request_id}"))
 
+    def checkpoint(self, request_id: str) -> tuple[str | None, bool]:
+        """Who holds the lease on ``request_id`` and whether a client asked to end it: the two questions a bring-up
+        asks before each stage, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(f"{PREFIX}lease:{request_id}")
+        pipe.exists(f"{PREFIX}terminate:{request_id}")
+        holder, terminating = pipe.execute()
+        return (str(holder) if holder is not None else None), bool(terminating)
+
     def token_of(self, record: SessionRecord) -> SecretStr | None:
         return self.cipher.decrypt(record.daemon_token) if record.daemon_token else None
 

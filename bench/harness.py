@@ -59,6 +59,7 @@ class Row:
     errors: list[str] = field(default_factory=list)
     skipped: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    comparable: bool = True  # does the baseline's work (a sandbox, a daemon, a session): has a ratio to it
 
     def add_result(self, result: SessionResult, submitted: float) -> None:
         """A session brought up through the queue, submitted at the epoch time ``submitted``: enqueue -> ready."""
@@ -83,7 +84,7 @@ class Row:
 
     def as_json(self, baseline_p50: float | None) -> dict[str, Any]:
         summary = self.summary()
-        ratio = round(summary["p50"] / baseline_p50, 2) if summary and baseline_p50 else None
+        ratio = round(summary["p50"] / baseline_p50, 2) if summary and baseline_p50 and self.comparable else None
         return {
             "what": self.what,
             "ok": len(self.latencies_ms),

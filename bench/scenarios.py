@@ -154,6 +154,7 @@ def ceiling(bench: Bench) -> Row:
     Redis, one process, sessions one after another. Worker CPU excludes the stand-in daemons' thread."""
     sessions = bench.ceiling_sessions
     row = Row("ceiling", f"{sessions} sessions in one process: null provider, stand-in daemon, real Redis")
+    row.comparable = False
     settings = bench.settings()
     store = Store.from_settings(settings)
     provider = FakeProvider()

@@ -64,6 +64,7 @@ from worker.lease import Lease
 from worker.limits import Limits
 from worker.models import (
     ErrorInfo,
+    InstallMode,
     ProviderName,
     SessionRequest,
     SessionResult,
@@ -468,7 +469,10 @@ class Pipeline:
         retry(start)
         # The daemon boots while the rest is put in place: the agent process that reads these files starts only at
         # the session stage's first ACP request, and a daemon of the wrong version fails here all the same.
-        retry(lambda: daemon.check_daemon(provider, sandbox))
+        served_by = record.result.provider or request.provider
+        image = f"{served_by.value}:{failover.image_for(request, served_by) or '(default)'}"
+        preinstalled = settings.daemon_install is InstallMode.preinstalled
+        retry(lambda: daemon.check_daemon(provider, sandbox, image=image if preinstalled else None))
         retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
         files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
         for path, content in files.items():

@@ -55,19 +55,20 @@ class SessionClient:
     def wait(
         self, request_id: str, *, timeout: float = 900.0, on_progress: ProgressCallback | None = None
     ) -> SessionResult:
-        """Block until the request is ready, failed or terminated, reading the session record; ``on_progress`` gets
-        each stage name the record shows."""
+        """Block until the request is ready, failed or terminated, reading the session record each time it is
+        written (woken by the store, not polling); ``on_progress`` gets each stage name the record shows."""
         deadline = time.monotonic() + timeout
         last_stage = None
-        while time.monotonic() < deadline:
-            result = self.store.result(request_id)
-            if result is not None:
-                if result.state.terminal:
-                    return result
-                if result.stage and result.stage != last_stage and on_progress:
-                    on_progress(result.stage)
-                last_stage = result.stage or last_stage
-            time.sleep(0.1)
+        with self.store.updates(request_id) as changed:
+            while time.monotonic() < deadline:
+                result = self.store.result(request_id)
+                if result is not None:
+                    if result.state.terminal:
+                        return result
+                    if result.stage and result.stage != last_stage and on_progress:
+                        on_progress(result.stage)
+                    last_stage = result.stage or last_stage
+                changed(min(1.0, max(0.0, deadline - time.monotonic())))
         raise TimeoutError(f"request {request_id} did not finish within {timeout:g}s")
 
     def token(self, request_id: str) -> SecretStr | None:

@@ -25,7 +25,8 @@ _SHORT = {"credentials": "creds", "environment": "env"}
 
 def table(rows: list[Row], doc: dict[str, object]) -> Table:
     scenarios: dict[str, dict[str, object]] = doc["scenarios"]  # type: ignore[assignment]
-    out = Table(title="enqueue -> ready (ms); stage columns are medians (ms)", title_justify="left")
+    title = "enqueue -> ready (ms; warm-*: claim -> ready); stage columns are medians (ms)"
+    out = Table(title=title, title_justify="left")
     out.add_column("scenario")
     out.add_column("ok", justify="right")
     for name in ("p50", "p95", "p99", "x base"):

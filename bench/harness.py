@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker
 from cryptography.fernet import Fernet
@@ -39,6 +40,8 @@ RESULTS = ROOT / "bench" / "results.json"
 TENANT = "bench"
 # The stage columns: the queue wait (submit -> a worker starts) and then the pipeline's own stages.
 STAGE_COLUMNS = ("queue", *STAGES)
+# A warm session's claim -> ready: the pool is claimed at the start of the sandbox stage.
+CLAIM_TO_READY = ("sandbox", "daemon", "session", "ready")
 
 
 def percentile(values: list[float], q: int) -> float:
@@ -61,13 +64,20 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
     comparable: bool = True  # does the baseline's work (a sandbox, a daemon, a session): has a ratio to it
 
-    def add_result(self, result: SessionResult, submitted: float) -> None:
-        """A session brought up through the queue, submitted at the epoch time ``submitted``: enqueue -> ready."""
+    def add_result(self, result: SessionResult, submitted: float, *, from_claim: bool = False) -> None:
+        """A session brought up through the queue, submitted at the epoch time ``submitted``: enqueue -> ready, or
+        with ``from_claim`` a warm pool's claim -> ready (the sandbox, daemon, session and ready stages)."""
         if result.state is not SessionState.ready or result.ready_at is None or result.started_at is None:
             error = result.error
             self.errors.append(f"{error.code} at {error.stage}: {error.message[:200]}" if error else result.state)
             return
-        self.latencies_ms.append((result.ready_at - submitted) * 1000)
+        if from_claim and not result.warm:
+            self.errors.append("started cold: the pool had no ready sandbox")
+            return
+        if from_claim:
+            self.latencies_ms.append(sum(result.timings_ms.get(stage, 0.0) for stage in CLAIM_TO_READY))
+        else:
+            self.latencies_ms.append((result.ready_at - submitted) * 1000)
         self.stages_ms.append({"queue": (result.started_at - submitted) * 1000, **result.timings_ms})
 
     def summary(self) -> dict[str, float]:
@@ -176,6 +186,8 @@ class Bench:
             "SANDBOX_WORKER_FERNET_KEY": self.fernet_key,
             "SANDBOX_WORKER_OWNER": self.owner,
             "SANDBOX_WORKER_LOG_FORMAT": "json",
+            "SANDBOX_WORKER_AUTH__MODE": "open",  # the bench is the one sender
+            "SANDBOX_WORKER_DOCKER__ALLOWED_HOST_PORTS": f"[{urlsplit(self.llm.url).port}]",
             "SANDBOX_WORKER_CREDENTIALS__SHARED__ANTHROPIC": self.key,
             "SANDBOX_WORKER_CREDENTIALS__SHARED__OPENAI": self.key,
             "SANDBOX_WORKER_CREDENTIALS__SHARED__TENANTS": f'["{TENANT}"]',
@@ -195,6 +207,7 @@ class Bench:
             "redis_url": self.redis.url,
             "fernet_key": self.fernet_key,
             "owner": self.owner,
+            "auth": {"mode": "open"},
         }
         return Settings(**(base | overrides))  # type: ignore[arg-type]
 
@@ -238,13 +251,14 @@ class Bench:
             payload["credentials"] = {"strategy": "shared"}
         return payload
 
-    def bring_up(self, row: Row, payload: dict[str, Any], *, timed: bool = True) -> None:
-        """Submit ``payload`` through the queue, wait for it, note enqueue -> ready in ``row``, terminate it."""
+    def bring_up(self, row: Row, payload: dict[str, Any], *, timed: bool = True, from_claim: bool = False) -> None:
+        """Submit ``payload`` through the queue, wait for it, note enqueue -> ready (or claim -> ready) in ``row``,
+        terminate it."""
         submitted = time.time()
         request_id = self.client.submit(payload)
         result = self.client.wait(request_id, timeout=300)
         if timed:
-            row.add_result(result, submitted)
+            row.add_result(result, submitted, from_claim=from_claim)
         self.client.terminate(request_id, timeout=120)
 
     def remove_sandboxes(self) -> int:
@@ -254,6 +268,15 @@ class Bench:
             with contextlib.suppress(docker.errors.APIError):
                 container.remove(force=True)
         return len(containers)
+
+    def wait_for_pools(self, size: int, timeout: float = 300.0) -> None:
+        """Until the warm pools hold ``size`` ready sandboxes (a claim then is warm, not a cold fallback)."""
+        redis = self.client.store.redis
+
+        def full() -> bool:
+            return sum(int(redis.zcard(key)) for key in redis.scan_iter("sw:pool:*:ready")) >= size
+
+        wait_for(full, timeout, interval=0.05, what=f"{size} warm sandboxes")
 
     def running_sandboxes(self) -> int:
         return len(self.docker.containers.list(filters={"label": f"{LABEL_OWNER}={self.owner}"}))

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -87,6 +88,43 @@ def cold_claude(bench: Bench) -> Row:
 
 def cold_codex(bench: Bench) -> Row:
     return _cold(bench, "codex")
+
+
+# Warm pools: POOL_SIZE ready sandboxes, refilled by the worker between claims; each timed claim waits for a full
+# pool so it measures a claim, not a refill.
+POOL_SIZE = 2
+
+
+def _warm(bench: Bench, agent: str, name: str, binding: str, **session: Any) -> Row:
+    """Warm claims of ``agent`` through the queue: claim -> ready, the late binding ``binding`` describes."""
+    row = Row(name, f"warm pool claim -> ready, agent {agent}: {binding}")
+    pool = {
+        "SANDBOX_WORKER_POOL__TARGETS": json.dumps([{"provider": "docker", "agent": agent, "size": POOL_SIZE}]),
+        "SANDBOX_WORKER_POOL__REFILL_INTERVAL_SECONDS": "0.5",
+    }
+
+    def once(timed: bool) -> None:
+        bench.wait_for_pools(POOL_SIZE)
+        bench.bring_up(row, bench.request(agent, **session), timed=timed, from_claim=True)
+
+    with bench.worker(concurrency=1, **pool):
+        return _timed_runs(bench, row, once)
+
+
+def warm_mock(bench: Bench) -> Row:
+    return _warm(bench, "mock", "warm-mock", "nothing to bind: the pooled daemon and its initialized agent as they are")
+
+
+def warm_mock_env(bench: Bench) -> Row:
+    return _warm(bench, "mock", "warm-mock-cwd", "another cwd: the daemon replaced with the session's", cwd="/tmp")
+
+
+def warm_claude(bench: Bench) -> Row:
+    return _warm(bench, "claude", "warm-claude", "shared key: the daemon replaced with the session's environment")
+
+
+def warm_codex(bench: Bench) -> Row:
+    return _warm(bench, "codex", "warm-codex", "shared key: the daemon replaced with the session's environment")
 
 
 def burst(bench: Bench) -> Row:
@@ -194,6 +232,10 @@ SCENARIOS: dict[str, Scenario] = {
     "cold-mock": cold_mock,
     "cold-claude": cold_claude,
     "cold-codex": cold_codex,
+    "warm-mock": warm_mock,
+    "warm-mock-cwd": warm_mock_env,
+    "warm-claude": warm_claude,
+    "warm-codex": warm_codex,
     "burst": burst,
     "ceiling": ceiling,
 }

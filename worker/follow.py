@@ -134,9 +134,10 @@ def parse_envelope(envelope: dict[str, Any], session_id: str) -> Event | None:
 class SessionHandle:
     """A ready session's agent, driven over the daemon's ACP endpoint. One turn at a time; thread-safe answers.
 
-    Events are read from the server's SSE stream after a barrier: the stream replays what the worker's own
-    connection saw (the first prompt's turn), so the handle first sends a request the agent answers at once and
-    takes only what comes after that answer."""
+    Events are read from the server's SSE stream, which first replays what the worker's own connection saw (the
+    first prompt's turn): the handle sends a request the agent answers at once, waits for that answer (everything
+    before it is history), and each prompt starts by dropping what is queued (history, or the rest of a turn its
+    caller stopped reading)."""
 
     def __init__(self, access: DaemonAccess, server_id: str, session_id: str, *, timeout: float = 30.0) -> None:
         self.server_id = server_id
@@ -293,8 +294,6 @@ class SessionHandle:
         if envelope.get("method") == "_adapter/agent_exited":
             self._events.put(AgentError("the agent process exited"))
             return
-        if not self._synced.is_set():
-            return  # history: the worker's own turn, replayed
         event = parse_envelope(envelope, self.session_id)
         if isinstance(event, PermissionRequest):
             with self._lock:

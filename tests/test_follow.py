@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import ROOT, WorkerProcess
+from worker.access import DaemonAccess
 from worker.client import SessionClient
-from worker.errors import InvalidRequest
-from worker.follow import MessageChunk, PermissionAnswer, PermissionRequest, ToolCall, TurnEnd
+from worker.errors import AgentError, DaemonError, InvalidRequest
+from worker.follow import MessageChunk, PermissionAnswer, PermissionRequest, SessionHandle, ToolCall, TurnEnd
 from worker.models import SessionState
 
 pytestmark = pytest.mark.integration
@@ -40,7 +42,8 @@ def _text(events: list[Any]) -> str:
 
 def test_follow_prompts_streams_tool_calls_answers_and_cancels(ready: tuple[SessionClient, str]) -> None:
     """A second prompt is answered (and the first turn's replayed events are not taken for it), a tool call streams,
-    a permission request is allowed then rejected as asked, and a cancel ends a long turn 'cancelled'."""
+    a permission request is allowed then rejected as asked, a prompt waits for the turn in progress, a cancel
+    ends a long turn 'cancelled', and a wrong token is refused when following starts."""
     client, request_id = ready
     with client.follow(request_id) as session:
         events = list(session.prompt("second"))
@@ -67,9 +70,18 @@ def test_follow_prompts_streams_tool_calls_answers_and_cancels(ready: tuple[Sess
             assert _text(events) == reply
 
         turn = session.prompt("/sleep 60")
+        with pytest.raises(AgentError, match="a turn is in progress"):
+            session.prompt("too early")
         threading.Timer(0.5, session.cancel).start()
         assert list(turn)[-1] == TurnEnd(stop_reason="cancelled")
         assert _text(list(session.prompt("still here"))) == "mock: still here"
+
+    access = client.access(request_id)
+    result = client.status(request_id)
+    assert access is not None and result is not None and result.server_id and result.session_id
+    wrong = DaemonAccess(access.url, SecretStr("not-the-token"), access.headers)
+    with pytest.raises(DaemonError, match="401"):
+        SessionHandle(wrong, result.server_id, result.session_id)
 
 
 def test_follow_needs_a_ready_session(celery_worker: WorkerProcess) -> None:

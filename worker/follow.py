@@ -135,9 +135,9 @@ class SessionHandle:
     """A ready session's agent, driven over the daemon's ACP endpoint. One turn at a time; thread-safe answers.
 
     Events are read from the server's SSE stream, which first replays what the worker's own connection saw (the
-    first prompt's turn): the handle sends a request the agent answers at once, waits for that answer (everything
-    before it is history), and each prompt starts by dropping what is queued (history, or the rest of a turn its
-    caller stopped reading)."""
+    first prompt's turn): the handle sends a request the agent answers at once and waits for that answer; what came
+    before it is history, not followed. A prompt starts by dropping what is left of the previous turn (its caller
+    may have stopped reading it)."""
 
     def __init__(self, access: DaemonAccess, server_id: str, session_id: str, *, timeout: float = 30.0) -> None:
         self.server_id = server_id
@@ -155,6 +155,8 @@ class SessionHandle:
         self._stop = threading.Event()
         self._posts = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"follow-{server_id}")
         self._synced = threading.Event()
+        self._in_turn = threading.Event()
+        self._lost: AgentError | None = None  # the stream or the agent is gone: nothing more will come
         self._reader = threading.Thread(target=self._read, name=f"follow-sse-{server_id}", daemon=True)
         self._reader.start()
         self._sync(timeout)
@@ -175,6 +177,11 @@ class SessionHandle:
     def prompt(self, text: str, *, timeout: float = 300.0) -> Iterator[Event]:
         """Send a prompt; iterate the result for the turn's events, ending with its :class:`TurnEnd`. Permission
         requests wait for :meth:`answer`; :meth:`cancel` (from another thread, or between events) ends the turn."""
+        if self._lost is not None:
+            raise self._lost
+        if self._in_turn.is_set():
+            raise AgentError("a turn is in progress: read it to its TurnEnd (or cancel it) first")
+        self._in_turn.set()
         self._drain()
         params = {"sessionId": self.session_id, "prompt": [{"type": "text", "text": text}]}
         self._send("session/prompt", params, "prompt")
@@ -201,10 +208,10 @@ class SessionHandle:
         if params is None:
             raise ValueError(f"permission request {ask_id!r} is unknown or already answered")
         result = (approve_permissions if allow else reject_permissions)(params)
-        self._post({"jsonrpc": "2.0", "id": ask_id, "result": result})
         outcome = result["outcome"]
         answer = PermissionAnswer(id=ask_id, allowed=allow and "optionId" in outcome, option_id=outcome.get("optionId"))
-        self._events.put(answer)
+        self._events.put(answer)  # before the agent hears it: the turn's events stay in order
+        self._post({"jsonrpc": "2.0", "id": ask_id, "result": result})
         return answer
 
     def cancel(self) -> None:
@@ -217,22 +224,33 @@ class SessionHandle:
 
     # -- the wire -------------------------------------------------------------------------------------------
     def _sync(self, timeout: float) -> None:
-        # An unknown method: every JSON-RPC peer answers at once (-32601), after everything it sent before.
-        self._send("_sandbox_worker/sync", {}, "barrier")
-        if not self._synced.wait(timeout):
+        """Send an unknown method, which every JSON-RPC peer answers at once (-32601) after everything it sent
+        before, and wait for that answer on the stream. The POST itself says whether the daemon lets us in."""
+        request_id = self._register("barrier")
+        envelope = {"jsonrpc": "2.0", "id": request_id, "method": "_sandbox_worker/sync", "params": {}}
+        try:
+            self._post(envelope, timeout=timeout)
+            if not self._synced.wait(timeout):
+                raise AgentError(f"the agent of {self.server_id} did not answer within {timeout:g}s")
+            if self._lost is not None:
+                raise self._lost
+        except BaseException:
             self.close()
-            raise AgentError(f"the agent of {self.server_id} did not answer within {timeout:g}s")
+            raise
 
     def _drain(self) -> None:
         while not self._events.empty():
             self._events.get_nowait()
 
-    def _send(self, method: str, params: dict[str, Any], kind: str) -> str:
+    def _register(self, kind: str) -> str:
         request_id = f"{self._prefix}{next(self._ids)}"
         with self._lock:
             self._pending[request_id] = kind
-        self._posts.submit(self._post_reply, {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
         return request_id
+
+    def _send(self, method: str, params: dict[str, Any], kind: str) -> None:
+        request_id = self._register(kind)
+        self._posts.submit(self._post_reply, {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
 
     def _post(self, envelope: dict[str, Any], timeout: float = 30.0) -> httpx.Response:
         response = self._client.http.post(
@@ -251,8 +269,8 @@ class SessionHandle:
         except httpx.TimeoutException:
             pass
         except Exception as exc:
+            self._in_turn.clear()
             self._events.put(exc)
-            self._synced.set()
 
     def _read(self) -> None:
         last_event_id: str | None = None
@@ -272,9 +290,13 @@ class SessionHandle:
                 continue
             except Exception as exc:
                 if not self._stop.is_set():
-                    self._events.put(AgentError(f"lost the session's event stream: {type(exc).__name__}"))
-                    self._synced.set()
+                    self._lose(AgentError(f"lost the session's event stream: {type(exc).__name__}"))
                 return
+
+    def _lose(self, error: AgentError) -> None:
+        self._lost = error
+        self._events.put(error)
+        self._synced.set()
 
     def _dispatch(self, data: str) -> None:
         try:
@@ -292,8 +314,10 @@ class SessionHandle:
                 self._end_turn(envelope)
             return
         if envelope.get("method") == "_adapter/agent_exited":
-            self._events.put(AgentError("the agent process exited"))
+            self._lose(AgentError("the agent process exited"))
             return
+        if not self._synced.is_set():
+            return  # history: the worker's own turn, its permission requests answered already
         event = parse_envelope(envelope, self.session_id)
         if isinstance(event, PermissionRequest):
             with self._lock:
@@ -304,8 +328,9 @@ class SessionHandle:
     def _end_turn(self, envelope: dict[str, Any]) -> None:
         if "error" in envelope:
             self._events.put(agent_error("session/prompt", envelope.get("error") or {}))
-            return
-        result = envelope.get("result") or {}
-        usage = result.get("usage") or (result.get("_meta") or {}).get("usage")
-        counts = {k: v for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else None
-        self._events.put(TurnEnd(stop_reason=result.get("stopReason"), usage=counts))
+        else:
+            result = envelope.get("result") or {}
+            usage = result.get("usage") or (result.get("_meta") or {}).get("usage")
+            counts = {k: v for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else None
+            self._events.put(TurnEnd(stop_reason=result.get("stopReason"), usage=counts))
+        self._in_turn.clear()  # after the turn's last event is queued: the next prompt drops nothing of its own

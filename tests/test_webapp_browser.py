@@ -50,7 +50,7 @@ def webapp(base_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
 
 def test_submit_watch_and_chat_in_a_browser(worker_factory: Any, docker_client: Any, webapp: str) -> None:
     """Submit from the page, see the stages and 'ready', chat: a reply, a tool call, a permission allowed; the
-    agent's markup is shown as text, never as HTML."""
+    agent's markup is shown as text, never as HTML; end the session."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make test` (scripts/setup.sh installs it)")
     worker_factory(env={"SANDBOX_WORKER_DAEMON_INSTALL": "upload"})
@@ -83,6 +83,9 @@ def test_submit_watch_and_chat_in_a_browser(worker_factory: Any, docker_client: 
             page.click("text=Send")
             expect(page.locator("#chat .agent").last).to_have_text(f"mock: {hostile}")
             assert page.locator("#injected").count() == 0
+
+            page.click("text=End session")
+            expect(page.locator("#state")).to_have_text("terminated")
         finally:
             browser.close()
-            SessionClient().terminate(request_id)
+            SessionClient().terminate(request_id)  # a no-op once the page ended it

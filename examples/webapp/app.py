@@ -5,6 +5,7 @@
     POST /sessions/{id}/messages         {"text"} -> the turn's events, one JSON object a line (worker.follow)
     POST /sessions/{id}/permissions      {"id", "allow"} -> the answer to the agent's permission request
     POST /sessions/{id}/cancel           ends the turn in progress
+    POST /sessions/{id}/terminate        ends the session (its sandbox)
 
 The worker's client is synchronous (Celery, httpx), so its calls run in Starlette's thread pool. There is no login:
 serve it on a private address, or behind your own authentication. Everything from the agent reaches the page as
@@ -139,6 +140,16 @@ async def cancel(request: Request) -> Response:
     return JSONResponse({"cancelled": True})
 
 
+async def terminate(request: Request) -> Response:
+    request_id = request.path_params["request_id"]
+    with _handles_lock:
+        handle = _handles.pop(request_id, None)
+    if handle is not None:
+        handle.close()
+    result = await run_in_threadpool(client.terminate, request_id)
+    return JSONResponse({"state": result.state.value if result else None})
+
+
 app = Starlette(
     routes=[
         Route("/", page),
@@ -147,5 +158,6 @@ app = Starlette(
         Route("/sessions/{request_id}/messages", message, methods=["POST"]),
         Route("/sessions/{request_id}/permissions", permission, methods=["POST"]),
         Route("/sessions/{request_id}/cancel", cancel, methods=["POST"]),
+        Route("/sessions/{request_id}/terminate", terminate, methods=["POST"]),
     ]
 )

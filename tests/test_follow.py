@@ -40,10 +40,18 @@ def _text(events: list[Any]) -> str:
     return "".join(e.text for e in events if isinstance(e, MessageChunk))
 
 
-def test_follow_prompts_streams_tool_calls_answers_and_cancels(ready: tuple[SessionClient, str]) -> None:
+def _readme_example() -> str:
+    """The first Python block of the README's 'Following a session' section."""
+    section = (ROOT / "README.md").read_text().split("## Following a session", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_follow_prompts_streams_tool_calls_answers_and_cancels(
+    ready: tuple[SessionClient, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     """A second prompt is answered (and the first turn's replayed events are not taken for it), a tool call streams,
     a permission request is allowed then rejected as asked, a prompt waits for the turn in progress, a cancel
-    ends a long turn 'cancelled', and a wrong token is refused when following starts."""
+    ends a long turn 'cancelled', a wrong token is refused when following starts, and the README's example runs."""
     client, request_id = ready
     with client.follow(request_id) as session:
         events = list(session.prompt("second"))
@@ -83,24 +91,15 @@ def test_follow_prompts_streams_tool_calls_answers_and_cancels(ready: tuple[Sess
     with pytest.raises(DaemonError, match="401"):
         SessionHandle(wrong, result.server_id, result.session_id)
 
+    # The README's 'Following a session' example runs as written, with its client and request_id.
+    exec(_readme_example(), {"client": client, "request_id": request_id})
+    out = capsys.readouterr().out
+    assert "[tool] Read README.md" in out
+    assert "allowed: README.md" in out
+
 
 def test_follow_needs_a_ready_session(celery_worker: WorkerProcess) -> None:
     """Following a request that has no ready session is a clear error on request_id."""
     with pytest.raises(InvalidRequest) as caught:
         SessionClient().follow("never-submitted")
     assert caught.value.field == "request_id"
-
-
-def _readme_example() -> str:
-    """The first Python block of the README's 'Following a session' section."""
-    section = (ROOT / "README.md").read_text().split("## Following a session", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_following_example(ready: tuple[SessionClient, str], capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's 'Following a session' example runs as written, with its client and request_id."""
-    client, request_id = ready
-    exec(_readme_example(), {"client": client, "request_id": request_id})
-    out = capsys.readouterr().out
-    assert "[tool] Read README.md" in out
-    assert "allowed: README.md" in out

@@ -2,7 +2,7 @@
 # Machine setup for sandbox-worker development, tests and CI (Debian 12, run as root).
 # Idempotent: every step is skipped when already satisfied, so a second run takes seconds.
 # `--venv-only` does step 4 alone (what `make unit` needs: no Redis, no Docker).
-#   1. apt packages: redis-server, docker.io, debootstrap (+ npm, python3-venv when missing)
+#   1. apt packages: redis-server, docker.io, debootstrap, chromium (the browser test) (+ npm, python3-venv when missing)
 #   2. redis-server on 127.0.0.1:6379, append-only (records, leases and the fleet marker survive a restart;
 #      a running Redis without AOF is switched to it with CONFIG SET)
 #   3. dockerd (no systemd here: started in the background, log in /var/log/dockerd.log)
@@ -49,6 +49,8 @@ step_packages() {
     [[ -s /etc/ssl/certs/ca-certificates.crt ]] || need+=(ca-certificates)
     command -v "$PYTHON" >/dev/null || need+=(python3 python3-venv)
     command -v npm >/dev/null || need_lean+=(npm)
+    # The web app's browser test drives Debian's chromium with Playwright (its own browser download is not reachable).
+    command -v chromium >/dev/null || need_lean+=(chromium)
     if [[ ${#need[@]} -eq 0 && ${#need_lean[@]} -eq 0 ]]; then
         log "packages: present"
         return 0

@@ -19,6 +19,8 @@ from worker.auth import Operation, Signer
 from worker.celery_app import CREATE_SESSION
 from worker.client import SessionClient
 from worker.config import Settings, get_settings
+from worker.errors import InvalidRequest
+from worker.follow import MessageChunk
 from worker.models import SessionResult, SessionState
 from worker.redis_acl import app_rules, setuser, worker_rules
 
@@ -108,8 +110,8 @@ def test_a_web_app_brings_up_its_tenants_session_and_no_other_app_reaches_it(
     monkeypatch: pytest.MonkeyPatch,
     docker_client: docker.DockerClient,
 ) -> None:
-    """The allowed path on the web app's Redis user: submit, follow, status, access, terminate. Another app, not
-    allowed for the tenant, may neither read its status or daemon nor terminate it."""
+    """The allowed path on the web app's Redis user: submit, follow, status, access, follow the agent, terminate.
+    Another app, not allowed for the tenant, may neither read its status or daemon, follow it, nor terminate it."""
     web = _client(monkeypatch, acl_urls["app"], "web", WEB_KEY)
     request = _request()
     stages: list[str] = []
@@ -121,6 +123,9 @@ def test_a_web_app_brings_up_its_tenants_session_and_no_other_app_reaches_it(
     access = web.access(request["request_id"])
     assert access is not None
     assert httpx.get(f"{access.url}/v1/health", headers=access.http_headers()).json() == {"status": "ok"}
+    with web.follow(request["request_id"]) as session:  # through the sealed access
+        first, *_ = session.prompt("again")
+        assert first == MessageChunk(text="mock: again")
 
     # A retry or redelivery of the accepted request, its signature past the window: answered from its record.
     stale = Signer("web", _secret(WEB_KEY)).sign(Operation.create, request, now=time.time() - 7200)
@@ -136,6 +141,8 @@ def test_a_web_app_brings_up_its_tenants_session_and_no_other_app_reaches_it(
     peek = other.status(request["request_id"])
     assert peek is not None and peek.error is not None and peek.error.field == "tenant_id" and peek.reply is None
     assert other.access(request["request_id"]) is None
+    with pytest.raises(InvalidRequest):
+        other.follow(request["request_id"])
 
     ended = web.terminate(request["request_id"])
     assert ended is not None and ended.state is SessionState.terminated

@@ -261,3 +261,38 @@ def test_a_real_agent_told_to_print_its_key_leaks_it_nowhere(
     }
     assert {place: hits(secrets, text) for place, text in places.items()} == {place: [] for place in places}
     session_client.terminate(request["request_id"])
+
+
+def test_following_claude_code_prompts_asks_and_cancels(
+    stack: CredentialStack, session_client: Any, docker_client: docker.DockerClient
+) -> None:
+    """Following a real Claude Code session (worker.follow): a second prompt's tool call streams, the permission
+    it asks for (mode 'default', as with permissions 'reject') is allowed by the follower and the tool runs, and a
+    cancel ends a slow turn 'cancelled'."""
+    from worker.follow import MessageChunk, PermissionRequest, ToolCall, TurnEnd
+
+    key = f"sk-anthropic-follow-{uuid.uuid4().hex}"
+    api = _api(stack)
+    api.accepted = {key}
+    request = _request(stack, "claude", {"strategy": "byok", "secret_ref": "anthropic"}, "say hello")
+    request["session"]["permissions"] = "reject"
+    _byok(stack, request, "anthropic", key)
+    result = bring_up(session_client, request, timeout=180).result
+
+    with session_client.follow(request["request_id"]) as session:
+        events: list[Any] = []
+        for event in session.prompt("[scenario:tool] make the file"):
+            events.append(event)
+            if isinstance(event, PermissionRequest):
+                session.answer(event, allow=True)
+        assert any(isinstance(e, PermissionRequest) for e in events), events
+        assert any(isinstance(e, ToolCall) for e in events), events
+        assert "".join(e.text for e in events if isinstance(e, MessageChunk)).endswith(f"wrote {TOOL_FILE}.")
+        assert isinstance(events[-1], TurnEnd) and events[-1].stop_reason == "end_turn"
+        assert _file(docker_client, result.sandbox_id, f"/workspace/{TOOL_FILE}").strip() == "written-by-a-tool"
+
+        turn = session.prompt("[scenario:slow] take your time")
+        time.sleep(2)
+        session.cancel()
+        assert list(turn)[-1].stop_reason == "cancelled"
+    session_client.terminate(request["request_id"])

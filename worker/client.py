@@ -4,6 +4,8 @@ client = SessionClient()
 client.submit(SessionRequest(tenant_id="acme", agent="mock", provider="docker", session={"prompt": "hi"}))
 result = client.wait(request_id)            # SessionResult
 token = client.token(request_id)            # SecretStr: the daemon's bearer token, only on request
+with client.follow(request_id) as session:  # more prompts and their events (worker.follow)
+    events = list(session.prompt("and now?"))
 
 Configured with an app id and key (``SANDBOX_WORKER_AUTH__APP_ID`` / ``__APP_KEY``), the client signs every task it
 sends and reads nothing from the workers' records: it follows its own create tasks' results and asks a worker for
@@ -16,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.result import AsyncResult
@@ -29,6 +31,9 @@ from worker.errors import InvalidRequest
 from worker.models import SessionRequest, SessionResult, parse_request
 from worker.queueing import send_access, send_create, send_status, send_terminate
 from worker.store import Store
+
+if TYPE_CHECKING:
+    from worker.follow import SessionHandle
 
 ProgressCallback = Callable[[str], None]
 
@@ -126,6 +131,17 @@ class SessionClient:
         unseal = self.signer.unseal
         headers = {name: unseal(value) for name, value in answer["headers"].items()}
         return DaemonAccess(answer["url"], unseal(answer["token"]), headers)
+
+    def follow(self, request_id: str, *, timeout: float = 30.0) -> SessionHandle:
+        """Drive a ready session's agent: further prompts, their events, permission answers, cancel
+        (:mod:`worker.follow`). Close the handle when done; the session lives on until :meth:`terminate`."""
+        from worker.follow import SessionHandle  # the ACP client, loaded only by a client that follows
+
+        result = self.status(request_id, timeout=timeout)
+        access = self.access(request_id)
+        if result is None or access is None or not result.server_id or not result.session_id:
+            raise InvalidRequest("the session is not ready (no agent to follow)", field="request_id")
+        return SessionHandle(access, result.server_id, result.session_id, timeout=timeout)
 
     def terminate(self, request_id: str, *, wait: bool = True, timeout: float = 300.0) -> SessionResult | None:
         known = self.store.result(request_id) if self.signer is None else self.status(request_id)

@@ -1,0 +1,1 @@
+"""The example web app: submit a session, watch its stages, chat with its agent (README.md here)."""

@@ -4,8 +4,8 @@
 #   redis   Debian's redis-server
 #   docker build --target worker -t sandbox-worker:latest .
 #
-# Layers are ordered for caching: the OS packages, then the Python dependencies (read from pyproject.toml
-# alone), then the sources. Editing the code rebuilds only the last layers (seconds).
+# Layers are ordered for caching: the OS packages, then the Python dependencies (the list read from
+# pyproject.toml), then the sources. Editing the code rebuilds only the last layers (seconds).
 # Behind a TLS-intercepting proxy, put its CA certificate(s) in deploy/docker/ca/*.crt (git ignores them).
 ARG BASE_IMAGE=sandbox-worker/base:bookworm
 
@@ -14,6 +14,12 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends ca-certificates >/dev/null \
     && rm -rf /var/lib/apt/lists/*
+
+# The runtime dependencies listed in pyproject.toml, one a line.
+FROM os AS requirements
+COPY pyproject.toml /
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    >/requirements.txt
 
 FROM os AS redis
 RUN apt-get update -qq \
@@ -41,14 +47,12 @@ RUN apt-get update -qq \
     && update-ca-certificates >/dev/null \
     && python3 -m venv /opt/sandbox-worker/venv \
     && useradd --system --create-home --uid 10001 sandbox-worker
-# The dependencies alone first (and Flower, the Celery dashboard): this layer stays cached until pyproject.toml
-# changes.
+# The dependencies alone first (and Flower, the Celery dashboard): the layer is cached as long as the list is
+# the same, whatever else changes in pyproject.toml.
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN pip install -q -r /tmp/requirements.txt "flower==2.0.1" && rm /tmp/requirements.txt
 WORKDIR /opt/sandbox-worker/src
 COPY pyproject.toml ./
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        >/tmp/requirements.txt \
-    && pip install -q -r /tmp/requirements.txt "flower==2.0.1" \
-    && rm /tmp/requirements.txt
 COPY README.md ./
 COPY worker ./worker
 COPY providers ./providers

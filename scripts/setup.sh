@@ -2,7 +2,8 @@
 # Machine setup for sandbox-worker development, tests and CI (Debian 12, run as root).
 # Idempotent: every step is skipped when already satisfied, so a second run takes seconds.
 # `--venv-only` does step 4 alone (what `make unit` needs: no Redis, no Docker).
-#   1. apt packages: redis-server, docker.io, debootstrap, chromium (the browser test) (+ npm, python3-venv when missing)
+#   1. apt packages: redis-server, docker.io, docker-compose, debootstrap, chromium (the browser test) (+ npm,
+#      python3-venv when missing)
 #   2. redis-server on 127.0.0.1:6379, append-only (records, leases and the fleet marker survive a restart;
 #      a running Redis without AOF is switched to it with CONFIG SET)
 #   3. dockerd (no systemd here: started in the background, log in /var/log/dockerd.log)
@@ -44,6 +45,7 @@ step_packages() {
     local need=() need_lean=()
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null || need+=(redis-server)
     command -v dockerd >/dev/null && command -v docker >/dev/null || need+=(docker.io)
+    command -v docker-compose >/dev/null || need+=(docker-compose) # compose.yaml and its test
     command -v debootstrap >/dev/null || need+=(debootstrap)
     command -v iptables >/dev/null || need+=(iptables)
     [[ -s /etc/ssl/certs/ca-certificates.crt ]] || need+=(ca-certificates)

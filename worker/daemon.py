@@ -213,8 +213,9 @@ def replace_daemon(
 # Stops every `sandbox-agent server` and daemon front in the sandbox (the agents exit with the daemon) and waits
 # for them to go, so new ones can bind the ports. Plain sh and /proc: minimal images have no procps.
 _STOP_DAEMON = r"""
+front=$1  # a function's $1 is its own argument
 pids() { for p in /proc/[0-9]*; do
-  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*|"python3 $1 "*) echo "${p#/proc/}";; esac; done; }
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*|"python3 $front "*) echo "${p#/proc/}";; esac; done; }
 for pid in $(pids); do kill -TERM "$pid" 2>/dev/null; done
 for _ in $(seq 50); do [ -z "$(pids)" ] && exit 0; sleep 0.1; done
 for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done

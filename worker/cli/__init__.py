@@ -40,7 +40,7 @@ for _group in (ops, health, sessions, credentials):
 def main() -> None:
     """The entry point: a SandboxWorkerError or an invalid value ends the command with one line, exit code 2; Redis
     out of reach, with one line, exit code 1."""
-    output.state.json = "--json" in sys.argv[1:]
+    output.state = output.State(json="--json" in sys.argv[1:])
     try:
         get_settings()
         app()

@@ -18,10 +18,14 @@ from typing import Any
 import docker
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from tests.conftest import ROOT, VENV_BIN, RedisServer, wait_for
 from tests.standins.server import free_port
-from worker.models import SessionState
+from worker import cli
+from worker.config import Settings
+from worker.models import SessionState, parse_request
+from worker.store import Store
 
 pytestmark = pytest.mark.integration
 CLI = str(VENV_BIN / "sandbox-worker")
@@ -166,3 +170,22 @@ def test_a_worker_serves_its_sessions_metrics_logs_them_and_beats(ops_worker: _W
     assert stale.returncode == 1
     assert json.loads(stale.stdout)["checks"][0]["name"] == "heartbeat"
     assert not samples_dir.exists()
+
+
+def test_sessions_list_filters_the_records(settings: Settings) -> None:
+    """``sessions list --json`` is one JSON list of the records in Redis, filtered by tenant and state, the latest
+    updated first."""
+    store = Store.from_settings(settings)
+    run = uuid.uuid4().hex[:8]
+    for index, (tenant, state) in enumerate([("a", "ready"), ("a", "failed"), ("b", "ready"), ("a", "ready")]):
+        request = parse_request(
+            {"request_id": f"list-{run}-{index}", "tenant_id": f"{tenant}-{run}", "agent": "mock", "provider": "docker"}
+        )
+        record = store.create(request)
+        record.result.state = SessionState(state)
+        store.put(record)
+
+    shown = CliRunner().invoke(cli.app, ["sessions", "list", "--tenant", f"a-{run}", "--state", "ready", "--json"])
+
+    assert shown.exit_code == 0, shown.output
+    assert [r["request_id"] for r in json.loads(shown.stdout)] == [f"list-{run}-3", f"list-{run}-0"]

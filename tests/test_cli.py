@@ -230,3 +230,22 @@ def test_shell_completion_is_offered() -> None:
 
     assert shown.exit_code == 0, shown.output
     assert "_SANDBOX_WORKER_COMPLETE" in shown.stdout
+
+
+class _StartingClient(_Client):
+    def status(self, request_id: str) -> SessionResult | None:
+        return RESULT.model_copy(update={"state": SessionState.starting, "stage": "sandbox"})
+
+    def wait(self, request_id: str, *, timeout: float, on_progress: Any) -> SessionResult:
+        on_progress("daemon")
+        return RESULT.model_copy(update={"state": SessionState.ready, "stage": "ready", "error": None})
+
+
+def test_status_watch_follows_to_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``status --watch --json`` of a starting request waits for it and prints the one, final, document."""
+    monkeypatch.setattr(sessions, "_client", _StartingClient)
+
+    shown = CliRunner().invoke(cli.app, ["status", "r-1", "--watch", "--json"])
+
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["state"] == "ready"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -226,10 +227,11 @@ def test_liveness_reads_the_heartbeat_file_only(monkeypatch: pytest.MonkeyPatch,
 
 def test_shell_completion_is_offered() -> None:
     """``--show-completion bash`` prints a completion script for the command."""
-    shown = CliRunner().invoke(cli.app, ["--show-completion", "bash"], prog_name="sandbox-worker")
+    command = [str(Path(sys.executable).parent / "sandbox-worker"), "--show-completion", "bash"]
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
-    assert shown.exit_code == 0, shown.output
-    assert "_SANDBOX_WORKER_COMPLETE" in shown.stdout
+    assert shown.returncode == 0, shown.stderr
+    assert "_SANDBOX_WORKER_COMPLETE=complete_bash" in shown.stdout
 
 
 class _StartingClient(_Client):

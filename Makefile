@@ -31,8 +31,13 @@ unit:
 	scripts/setup.sh --venv-only
 	$(BIN)/pytest -p no:cacheprovider -m "not integration"
 
-# RUNS cold bring-ups per agent (BENCH_AGENTS) and of the baseline; results also in bench/results.json.
-RUNS ?= 3
-BENCH_AGENTS ?= mock,claude,codex
+# Every scenario of bench/scenarios.py side by side (baseline by hand, cold through the queue, real agents, a burst,
+# the orchestration's ceiling): p50/p95/p99, the ratio to the baseline, stage timings; also in bench/results.json.
+# RUNS timed sessions per scenario, BURST sessions at once, SCENARIOS to pick some; bounded by BENCH_SECONDS.
+RUNS ?= 10
+BURST ?= 100
+SCENARIOS ?= baseline,cold-mock,cold-claude,cold-codex,burst,ceiling
+BENCH_SECONDS ?= 600
 bench: setup
-	PYTHONPATH=$(CURDIR) $(BIN)/python -m bench.bringup --runs $(RUNS) --agents $(BENCH_AGENTS)
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m bench --runs $(RUNS) --burst $(BURST) --scenarios $(SCENARIOS) \
+		--max-seconds $(BENCH_SECONDS)

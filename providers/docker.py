@@ -262,6 +262,9 @@ class DockerProvider(Provider):
         with _map_docker_errors():
             container = self.client.containers.run(image, **options)
         deadline = time.monotonic() + self.config.start_timeout
+        # run() returns the container as created; the engine has started it by then, so look before waiting.
+        with _map_docker_errors(container.id):
+            container.reload()
         while container.status != "running":
             if container.status in ("exited", "dead") or time.monotonic() > deadline:
                 self.stop(container.id)

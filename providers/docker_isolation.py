@@ -131,10 +131,12 @@ def ensure_network(client: docker.DockerClient, network: str) -> None:
                 check_duplicate=True,
             )
             return
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # another worker created it first
+        except docker.errors.APIError:
+            # Another worker created it first: 409, or 403 "networks have same bridge name" when both raced.
+            raced = [found for found in client.networks.list(names=[network]) if found.name == network]
+            if not raced:
                 raise
-        found = client.networks.get(network)
+            found = client.networks.get(raced[0].id)
     options = found.attrs.get("Options") or {}
     if options.get(ICC_OPTION) != "false" or options.get(BRIDGE_NAME_OPTION) != bridge_name(network):
         raise ProviderError(

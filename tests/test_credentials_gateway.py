@@ -371,7 +371,7 @@ def test_two_workers_racing_for_a_new_tenant_mint_once(credential_stack: Credent
     finally:
         standin.mint_delay = 0.0
         second.stop()
-    assert [r.state.value for r in results] == ["ready"] * 4
+    assert [r.state.value for r in results] == ["ready"] * 4, [r.error for r in results]
     assert len(standin.creations()) - before == 1
     assert [c.body["metadata"]["tenant_id"] for c in standin.creations()[before:]] == [name]
     for request in requests:

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
 
-from providers.base import Endpoint
+from providers.base import Endpoint, ExecResult, Sandbox, SandboxSpec
+from providers.fake import FakeProvider, StandInDaemons
+from worker import pins
 from worker.acp import AcpConnection, Turn, agent_error, approve_permissions, reject_permissions
-from worker.daemon import DaemonClient, raise_for_problem
+from worker.daemon import DaemonClient, check_daemon, raise_for_problem
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
+
+pytest_plugins = ["tests.standins.fake_fixtures"]
 
 PERMISSION = {
     "options": [
@@ -135,3 +141,33 @@ def test_a_turn_names_each_tool_call_by_its_latest_title() -> None:
 def test_llm_refusals_get_codes_of_their_own(data: dict[str, object], code: str) -> None:
     """The agents' wording of an LLM API's 401 or 429 (message or data) becomes a stable error code."""
     assert agent_error("session/prompt", {"code": -32603, **data}).code == code
+
+
+class _Versions(FakeProvider):
+    """A fake whose daemon reports the versions given, one per `--version` call, and counts the calls."""
+
+    def __init__(self, daemons: StandInDaemons, *versions: str) -> None:
+        super().__init__(daemons=daemons)
+        self.versions = list(versions)
+
+    def exec(self, sandbox: Sandbox, argv: Sequence[str], **kwargs: Any) -> ExecResult:
+        if argv[-1:] == ["--version"]:
+            self._call("exec")
+            return ExecResult(0, self.versions.pop(0), "")
+        return super().exec(sandbox, argv, **kwargs)
+
+
+def test_a_preinstalled_daemon_is_checked_once_per_image(daemons: StandInDaemons) -> None:
+    """The pinned version is asked of an image's first sandbox only; a mismatch is never remembered as pinned."""
+    pinned = f"sandbox-agent {pins.SANDBOX_AGENT_VERSION}\n"
+    provider = _Versions(daemons, "sandbox-agent 0.0.1\n", pinned, pinned, pinned)
+    spec = SandboxSpec(image=None, labels={}, env={})
+    first, second = provider.start(spec), provider.start(spec)
+    image = f"fake:{uuid.uuid4().hex}"
+    with pytest.raises(DaemonError, match="is not sandbox-agent"):
+        check_daemon(provider, first, image=image)
+    check_daemon(provider, first, image=image)
+    check_daemon(provider, second, image=image)
+    assert provider.calls.count("exec") == 2
+    check_daemon(provider, second)  # no image (an uploaded daemon): always asked
+    assert provider.calls.count("exec") == 3

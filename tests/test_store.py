@@ -7,8 +7,8 @@ import redis as redis_lib
 from pydantic import SecretStr
 
 from worker.config import Settings
-from worker.errors import ConfigurationError
-from worker.models import SessionRequest, SessionState
+from worker.errors import ConfigurationError, InvalidRequest
+from worker.models import SessionRequest, SessionState, invalid_result
 from worker.store import PREFIX, Cipher, Store
 
 # Every test here uses Redis (the store, the secret store, the gateways' mint locks).
@@ -56,3 +56,18 @@ def test_secrets_are_encrypted_and_need_a_key(settings: Settings, redis_client: 
     assert store.token_of(record).get_secret_value() == "tok-value-123456"  # type: ignore[union-attr]
     with pytest.raises(ConfigurationError, match="FERNET_KEY"):
         Cipher(None).encrypt(SecretStr("x"))
+
+
+def test_a_waiter_wakes_when_the_record_is_written_and_not_before(settings: Settings) -> None:
+    """Store.updates: a client waiting on a request is woken by the record's writes (and a rejection's), not polling."""
+    store = Store.from_settings(settings)
+    record = store.create(_request("woken"))
+    with store.updates("woken") as changed:
+        assert not changed(0.05)
+        record.result.state = SessionState.starting
+        store.put(record)
+        assert changed(5.0)
+        assert not changed(0.05)
+    with store.updates("refused") as changed:
+        store.reject(invalid_result({"request_id": "refused"}, InvalidRequest("bad", field="agent")))
+        assert changed(5.0)

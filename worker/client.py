@@ -13,8 +13,9 @@ the rest (a signed ``sessions.status``), so it can run as a Redis user that may 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Celery
@@ -80,22 +81,33 @@ class SessionClient:
         meta = task.info
         return None, meta.get("stage") if task.state == "PROGRESS" and isinstance(meta, dict) else None
 
+    @contextlib.contextmanager
+    def _changes(self, request_id: str) -> Iterator[Callable[[float], object]]:
+        """A wait for the next change: the next write of the record for a client that reads the store (woken by
+        it), a short pause for a signed client (it cannot subscribe to worker state: it polls its own task)."""
+        if self.signer is not None:
+            yield lambda seconds: time.sleep(min(seconds, 0.1))
+            return
+        with self.store.updates(request_id) as changed:
+            yield changed
+
     def wait(
         self, request_id: str, *, timeout: float = 900.0, on_progress: ProgressCallback | None = None
     ) -> SessionResult:
-        """Block until the request is ready, failed or terminated, reading the session record; ``on_progress`` gets
-        each stage name the record shows."""
+        """Block until the request is ready, failed or terminated, reading the session record each time it is
+        written (woken by the store, not polling); ``on_progress`` gets each stage name the record shows."""
         deadline = time.monotonic() + timeout
         last_stage = None
-        while (left := deadline - time.monotonic()) > 0:
-            result, stage = self._latest(request_id, left)
-            if result is not None and result.state.terminal:
-                self._sent.pop(request_id, None)  # answered: no longer followed (nor subscribed to)
-                return result
-            if stage and stage != last_stage and on_progress:
-                on_progress(stage)
-            last_stage = stage or last_stage
-            time.sleep(0.1)
+        with self._changes(request_id) as changed:
+            while (left := deadline - time.monotonic()) > 0:
+                result, stage = self._latest(request_id, left)
+                if result is not None and result.state.terminal:
+                    self._sent.pop(request_id, None)  # answered: no longer followed (nor subscribed to)
+                    return result
+                if stage and stage != last_stage and on_progress:
+                    on_progress(stage)
+                last_stage = stage or last_stage
+                changed(min(1.0, max(0.0, deadline - time.monotonic())))
         raise TimeoutError(f"request {request_id} did not finish within {timeout:g}s")
 
     def token(self, request_id: str) -> SecretStr | None:

@@ -306,6 +306,10 @@ class SessionResult(_Strict):
     )
     error: ErrorInfo | None = None
     updated_at: float = Field(default_factory=time.time)
+    # The bring-up's own clock (epoch seconds): a client that noted when it submitted reads enqueue -> ready from
+    # ready_at, and the queue wait from started_at (bench/ does).
+    started_at: float | None = Field(None, description="When a worker began the latest bring-up attempt.")
+    ready_at: float | None = Field(None, description="When the session became ready.")
     skipped: list[SkippedProvider] = Field(
         default_factory=list,
         description="Providers tried or passed over before the one that served (`provider`), with the reason.",

@@ -64,6 +64,7 @@ from worker.lease import Lease
 from worker.limits import Limits
 from worker.models import (
     ErrorInfo,
+    InstallMode,
     ProviderName,
     SessionRequest,
     SessionResult,
@@ -220,6 +221,7 @@ class Pipeline:
         if record.result.state.terminal:
             return record.result
         record.attempts += 1
+        record.result.started_at = time.time()
         attempt = _Attempt(record=record, lease=lease)
         structlog.contextvars.bind_contextvars(
             request_id=request.request_id, tenant_id=request.tenant_id, provider=request.provider.value
@@ -278,10 +280,13 @@ class Pipeline:
     # -- the stage runner ---------------------------------------------------------------------------------
     def _checkpoint(self, attempt: _Attempt, stage: str) -> None:
         """Stop here when our lease ran out or someone asked for the session to end. The lease is asked of Redis,
-        not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices."""
-        if not attempt.lease.held():
+        not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices.
+        Both are asked in one round trip (its holder is our worker id)."""
+        holder, terminating = self.store.checkpoint(attempt.record.request.request_id)
+        if attempt.lease.lost.is_set() or holder != self.worker_id:
+            attempt.lease.lost.set()
             raise _LeaseLost
-        if self.store.terminate_requested(attempt.record.request.request_id):
+        if terminating:
             raise Terminated("terminated while starting", stage=stage)
 
     @contextlib.contextmanager
@@ -359,6 +364,7 @@ class Pipeline:
         with self._stage(attempt, "ready"):
             record.result.state = SessionState.ready
             record.result.error = None
+            record.result.ready_at = time.time()
         self.store.put(record)
         log.info("session ready", sandbox_id=sandbox.sandbox_id, timings_ms=attempt.timings)
         return record.result
@@ -546,8 +552,6 @@ class Pipeline:
         record.daemon_token = self.store.cipher.encrypt(token)
         self.store.put(record)
         if warm is None:
-            retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
-            retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
             self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
         elif as_is:
             attempt.warm_server = warm.entry.server_id  # its agent too, spawned and initialized when it was filled
@@ -579,21 +583,29 @@ class Pipeline:
         grant: CredentialGrant,
         environment: SessionEnvironment,
     ) -> None:
-        """The session's files, then its daemon with the session's token, environment and cwd."""
-        retry = self.retries.in_stage
+        """The session's daemon with the session's token, environment and cwd, then, while it boots, the rest: the
+        agent process that reads the session's files starts only at the session stage's first ACP request, and a
+        daemon of the wrong version fails here all the same."""
+        settings, retry = self.settings, self.retries.in_stage
         assert attempt.token is not None
-        for path, content in self._session_files(attempt, grant).items():
-            retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))
+        retry(lambda: daemon.put_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
         start = functools.partial(
             daemon.start_daemon,
             provider,
             sandbox,
             token=attempt.token,
-            port=self.settings.daemon_port,
+            port=settings.daemon_port,
             cwd=request.session.cwd,
             env=environment.daemon_env,
         )
         retry(start)
+        served_by = attempt.record.result.provider or request.provider
+        image = f"{served_by.value}:{failover.image_for(request, served_by) or '(default)'}"
+        preinstalled = settings.daemon_install is InstallMode.preinstalled
+        retry(lambda: daemon.check_daemon(provider, sandbox, image=image if preinstalled else None))
+        retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
+        for path, content in self._session_files(attempt, grant).items():
+            retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))
 
     def _replace_warm_daemon(
         self,

@@ -14,6 +14,8 @@ Keys (prefix ``sw:``):
   not a record field: the record is written only by the worker bringing the request up, which would overwrite
   a flag set in between.
 * ``sw:once:<name>`` — a marker that something happened recently (:meth:`Store.claim_once`).
+* ``sw:updated:<request_id>`` — a pub/sub channel: a message each time the record (or the rejection) is written, so
+  a client waiting on the request wakes at once instead of polling (:meth:`Store.updates`).
 * ``sw:rejected:<request_id>`` — the answer to a request refused before it had a record (it did not parse), kept
   for ``record_retention_seconds`` and only when no record holds the id: with the record, the one place clients
   read a request's state from.
@@ -23,9 +25,10 @@ Secret values are stored only Fernet-encrypted; without a key the worker refuses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -229,6 +232,7 @@ class Store:
         pipe = self.redis.pipeline()
         pipe.set(f"{PREFIX}session:{request_id}", record.model_dump_json(), ex=expiry)
         self._index(pipe, record)
+        pipe.publish(f"{PREFIX}updated:{request_id}", "")
         pipe.execute()
 
     @staticmethod
@@ -279,7 +283,27 @@ class Store:
         request_id = result.request_id
         if not request_id or len(request_id) > 256 or self.redis.exists(f"{PREFIX}session:{request_id}"):
             return
-        self.redis.set(f"{PREFIX}rejected:{request_id}", result.model_dump_json(), ex=self.retention_seconds)
+        pipe = self.redis.pipeline()
+        pipe.set(f"{PREFIX}rejected:{request_id}", result.model_dump_json(), ex=self.retention_seconds)
+        pipe.publish(f"{PREFIX}updated:{request_id}", "")
+        pipe.execute()
+
+    @contextlib.contextmanager
+    def updates(self, request_id: str) -> Iterator[Callable[[float], bool]]:
+        """A function that waits up to its argument (seconds) for the next write of ``request_id``'s record or
+        rejection and says whether one came. Subscribed before it is handed out, so a write made after the caller's
+        next read of the record is never missed."""
+        pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(f"{PREFIX}updated:{request_id}")
+            pubsub.get_message(timeout=5.0)  # the subscription's confirmation: from here on nothing is missed
+
+            def changed(seconds: float) -> bool:
+                return pubsub.get_message(ignore_subscribe_messages=True, timeout=seconds) is not None
+
+            yield changed
+        finally:
+            pubsub.close()
 
     def result(self, request_id: str) -> SessionResult | None:
         """What a client is told about ``request_id``: its record's result, else the answer to its rejection."""
@@ -309,6 +333,7 @@ class Store:
                     pipe.multi()
                     pipe.set(session, record.model_dump_json(), ex=self.retention_seconds)
                     self._index(pipe, record)
+                    pipe.publish(f"{PREFIX}updated:{request_id}", "")
                     pipe.execute()
                     return record.result
                 except redis.WatchError:
@@ -327,6 +352,15 @@ class Store:
 
     def terminate_requested(self, request_id: str) -> bool:
         return bool(self.redis.exists(f"{PREFIX}terminate:{request_id}"))
+
+    def checkpoint(self, request_id: str) -> tuple[str | None, bool]:
+        """Who holds the lease on ``request_id`` and whether a client asked to end it: the two questions a bring-up
+        asks before each stage, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(f"{PREFIX}lease:{request_id}")
+        pipe.exists(f"{PREFIX}terminate:{request_id}")
+        holder, terminating = pipe.execute()
+        return (str(holder) if holder is not None else None), bool(terminating)
 
     def token_of(self, record: SessionRecord) -> SecretStr | None:
         return self.cipher.decrypt(record.daemon_token) if record.daemon_token else None

@@ -1,0 +1,241 @@
+"""The benchmark's scenarios, side by side in one run.
+
+Adding one is a function and a line: write ``def my_scenario(bench: Bench) -> Row`` (bring sessions up, with
+``bench.worker()`` for a Celery worker and ``bench.bring_up(row, bench.request("mock"))`` for one session through
+the queue, or anything else that fills ``row.latencies_ms``), then add ``"my-scenario": my_scenario`` to
+:data:`SCENARIOS`. Its p50/p95/p99, the ratio to the baseline's p50 and its stage timings then appear in the table
+and in bench/results.json; ``row.extra`` holds figures of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.harness import ROOT, Bench, Row
+from providers.fake import FakeProvider
+from worker import pins
+from worker.credentials.broker import build_broker
+from worker.limits import Semaphore
+from worker.models import SessionState
+from worker.pipeline import Pipeline
+from worker.store import Store
+
+Scenario = Callable[[Bench], Row]
+
+# The burst's fleet: one worker of BURST_PROCESSES processes, under a cap of BURST_CAP bring-ups in progress on
+# Docker (SANDBOX_WORKER_FLEET__PROVIDER_CONCURRENCY). The fleet sets no cap by default; this is the one an operator
+# of a 2-core host would set, and the burst shows it holds.
+BURST_PROCESSES = 6
+BURST_CAP = 4
+
+
+def _timed_runs(bench: Bench, row: Row, once: Callable[[bool], None]) -> Row:
+    """One untimed warm-up, then up to ``bench.runs`` timed runs while the time budget lasts."""
+    once(False)
+    for i in range(bench.runs):
+        if bench.out_of_time():
+            row.skipped = bench.runs - i
+            break
+        once(True)
+    return row
+
+
+def baseline(bench: Bench) -> Row:
+    """bench/baseline.sh: docker run, the daemon, health, initialize, session/new, a prompt answered, by hand."""
+    row = Row("baseline", "by hand: docker run + daemon + curl health, session/new, prompt (bench/baseline.sh)")
+
+    def once(timed: bool) -> None:
+        done = subprocess.run(
+            [str(ROOT / "bench" / "baseline.sh"), pins.SANDBOX_IMAGE],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            row.errors.append(f"baseline.sh exited {done.returncode}: {done.stderr.strip()[-200:]}")
+            return
+        measured = json.loads(done.stdout.splitlines()[-1])
+        if timed:
+            row.latencies_ms.append(float(measured["ms"]))
+
+    return _timed_runs(bench, row, once)
+
+
+def _cold(bench: Bench, agent: str) -> Row:
+    """Cold bring-ups of ``agent`` through the queue: a new sandbox, daemon and agent process each time."""
+    row = Row(f"cold-{agent}", f"submit -> ready through a Celery worker, agent {agent}, new sandbox each")
+    with bench.worker(concurrency=1):
+        return _timed_runs(bench, row, lambda timed: bench.bring_up(row, bench.request(agent), timed=timed))
+
+
+def cold_mock(bench: Bench) -> Row:
+    return _cold(bench, "mock")
+
+
+def cold_claude(bench: Bench) -> Row:
+    return _cold(bench, "claude")
+
+
+def cold_codex(bench: Bench) -> Row:
+    return _cold(bench, "codex")
+
+
+# Warm pools: POOL_SIZE ready sandboxes, refilled by the worker between claims; each timed claim waits for a full
+# pool so it measures a claim, not a refill.
+POOL_SIZE = 2
+
+
+def _warm(bench: Bench, agent: str, name: str, binding: str, **session: Any) -> Row:
+    """Warm claims of ``agent`` through the queue: claim -> ready, the late binding ``binding`` describes."""
+    row = Row(name, f"warm pool claim -> ready, agent {agent}: {binding}")
+    pool = {
+        "SANDBOX_WORKER_POOL__TARGETS": json.dumps([{"provider": "docker", "agent": agent, "size": POOL_SIZE}]),
+        "SANDBOX_WORKER_POOL__REFILL_INTERVAL_SECONDS": "0.5",
+    }
+
+    def once(timed: bool) -> None:
+        bench.wait_for_pools(POOL_SIZE)
+        bench.bring_up(row, bench.request(agent, **session), timed=timed, from_claim=True)
+
+    with bench.worker(concurrency=1, **pool):
+        return _timed_runs(bench, row, once)
+
+
+def warm_mock(bench: Bench) -> Row:
+    return _warm(bench, "mock", "warm-mock", "nothing to bind: the pooled daemon and its initialized agent as they are")
+
+
+def warm_mock_env(bench: Bench) -> Row:
+    return _warm(bench, "mock", "warm-mock-cwd", "another cwd: the daemon replaced with the session's", cwd="/tmp")
+
+
+def warm_claude(bench: Bench) -> Row:
+    return _warm(bench, "claude", "warm-claude", "shared key: the daemon replaced with the session's environment")
+
+
+def warm_codex(bench: Bench) -> Row:
+    return _warm(bench, "codex", "warm-codex", "shared key: the daemon replaced with the session's environment")
+
+
+def burst(bench: Bench) -> Row:
+    """``bench.burst`` mock sessions submitted at once: all ready, the cap never exceeded."""
+    row = Row("burst", f"{bench.burst} mock sessions at once, {BURST_PROCESSES} worker processes, cap {BURST_CAP}")
+    store = bench.client.store
+    semaphore = Semaphore(store.redis, "provider:docker", BURST_CAP)
+    running: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            with contextlib.suppress(Exception):
+                running.append(bench.running_sandboxes())
+
+    caps = {"SANDBOX_WORKER_FLEET__PROVIDER_CONCURRENCY": json.dumps({"docker": BURST_CAP})}
+    with bench.worker(concurrency=BURST_PROCESSES, **caps):
+        bench.bring_up(row, bench.request("mock"), timed=False)  # warm the processes' imports
+        store.redis.delete(f"sw:sem:{{{semaphore.name}}}:peak")
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.monotonic()
+        submitted = {}
+        for _ in range(bench.burst):
+            payload = bench.request("mock")
+            submitted[payload["request_id"]] = time.time()
+            bench.client.submit(payload)
+        pending = dict(submitted)
+        deadline = time.monotonic() + max(120.0, 3.0 * bench.burst)
+        while pending and time.monotonic() < deadline:
+            for request_id in list(pending):
+                result = store.result(request_id)
+                if result is not None and result.state.terminal:
+                    row.add_result(result, pending.pop(request_id))
+            time.sleep(0.2)
+        wall = time.monotonic() - started
+        stop.set()
+        sampler.join()
+    row.skipped = len(pending)
+    peak = semaphore.peak()
+    row.extra = {
+        "cap": BURST_CAP,
+        "peak_bring_ups": peak,
+        "cap_held": peak <= BURST_CAP,
+        "peak_running_sandboxes": max(running, default=0),
+        "all_ready": not pending and not row.errors,
+        "wall_s": round(wall, 1),
+    }
+    removed = bench.remove_sandboxes()
+    row.extra["removed_after"] = removed
+    return row
+
+
+def _thread_cpu_seconds(native_id: int | None) -> float:
+    """CPU seconds a thread of this process used (Linux /proc): the stand-in daemons' share, to leave out."""
+    if native_id is None:
+        return 0.0
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / 100.0
+
+
+def ceiling(bench: Bench) -> Row:
+    """The orchestration alone: Pipeline.create with a null provider and stand-in daemons (providers/fake.py), real
+    Redis, one process, sessions one after another. Worker CPU excludes the stand-in daemons' thread."""
+    sessions = bench.ceiling_sessions
+    row = Row("ceiling", f"{sessions} sessions in one process: null provider, stand-in daemon, real Redis")
+    row.comparable = False
+    settings = bench.settings()
+    store = Store.from_settings(settings)
+    provider = FakeProvider()
+    pipeline = Pipeline(settings, store, lambda _name: provider, build_broker(settings, store))
+    stand_in = provider.daemons._thread
+    try:
+        for _ in range(5):  # warm-up: imports, connections
+            pipeline.create(bench.request("mock"))
+        cpu_before, daemon_before = time.process_time(), _thread_cpu_seconds(stand_in.native_id)
+        started = time.perf_counter()
+        for _ in range(sessions):
+            payload = bench.request("mock")
+            began = time.perf_counter()
+            result = pipeline.create(payload)
+            if result.state is SessionState.ready:
+                row.latencies_ms.append((time.perf_counter() - began) * 1000)
+                row.stages_ms.append(dict(result.timings_ms))
+            else:
+                row.errors.append(f"{result.error.code if result.error else result.state}")
+        wall = time.perf_counter() - started
+        daemon_cpu = _thread_cpu_seconds(stand_in.native_id) - daemon_before
+        worker_cpu = time.process_time() - cpu_before - daemon_cpu
+    finally:
+        provider.close()
+        with contextlib.suppress(redis.RedisError):
+            store.redis.close()
+    row.extra = {
+        "sessions_per_s": round(sessions / wall, 1),
+        "worker_cpu_ms_per_session": round(worker_cpu * 1000 / sessions, 2),
+        "stand_in_daemon_cpu_ms_per_session": round(daemon_cpu * 1000 / sessions, 2),
+    }
+    return row
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "baseline": baseline,
+    "cold-mock": cold_mock,
+    "cold-claude": cold_claude,
+    "cold-codex": cold_codex,
+    "warm-mock": warm_mock,
+    "warm-mock-cwd": warm_mock_env,
+    "warm-claude": warm_claude,
+    "warm-codex": warm_codex,
+    "burst": burst,
+    "ceiling": ceiling,
+}

@@ -135,6 +135,8 @@ def base_env(redis_server: RedisServer) -> dict[str, str]:
         # One trusted sender: tests of signed requests set their apps themselves (tests/test_auth_integration.py).
         "SANDBOX_WORKER_AUTH__MODE": "open",
         "SANDBOX_WORKER_DOCKER__NETWORK": SANDBOX_NETWORK,
+        # No metrics endpoint on the shared default port (parallel test runs); tests of it pick a free port.
+        "SANDBOX_WORKER_METRICS_PORT": "0",
     }
 
 
@@ -152,6 +154,7 @@ def _unit_env() -> dict[str, str]:
         "SANDBOX_WORKER_OWNER": OWNER,
         "SANDBOX_WORKER_LOG_FORMAT": "json",
         "SANDBOX_WORKER_AUTH__MODE": "open",
+        "SANDBOX_WORKER_METRICS_PORT": "0",
     }
 
 

@@ -1,6 +1,7 @@
-"""compose.yaml for real: the images built from this repository, the stack up with two workers, sessions
-submitted from the host through the published Redis come up ready on each worker, the sandbox network's host
-rules installed from inside a worker container. A compose project, owner label and sandbox network of its own;
+"""compose.yaml for real: the images built from this repository, the stack up with two workers and the example web
+app, sessions submitted from the host through the published Redis come up ready on each worker, the sandbox
+network's host rules installed from inside a worker container; a session started and chatted with from the web app
+in a real browser shows in a worker's metrics and its summary log line. A compose project, owner label and sandbox network of its own;
 everything is torn down (containers, volumes, sandboxes, network and rules) even when the test fails.
 
 The image layers are cached by the engine: the first build takes minutes, later ones seconds.
@@ -22,6 +23,7 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from providers import docker_isolation
 from tests.conftest import FERNET_KEY, ROOT, VENV_BIN
@@ -33,6 +35,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose missing (scripts/setup.sh)"),
 ]
 
+CHROMIUM = "/usr/bin/chromium"
 BRIDGE_IP = "172.17.0.1"  # compose.yaml's default DOCKER_BRIDGE_IP
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_CA = ROOT / "deploy" / "docker" / "ca" / "host-bundle.crt"
@@ -64,10 +67,11 @@ class Stack:
     env: dict[str, str]
     redis_url: str
     flower_port: int
+    webapp_port: int
 
     def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["docker-compose", "-p", self.project, *args],
+            ["docker-compose", "-p", self.project, "--profile", "webapp", *args],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
@@ -104,16 +108,26 @@ class Stack:
 
     def served_by(self, request_id: str) -> list[str]:
         """The worker containers whose logs name the request."""
-        return [
-            c
-            for c in self.containers("worker")
-            if request_id in subprocess.run(["docker", "logs", c], capture_output=True, text=True, check=False).stderr
-        ]
+        return [c for c in self.containers("worker") if request_id in self.log(c)]
+
+    @staticmethod
+    def log(container: str) -> str:
+        return subprocess.run(["docker", "logs", container], capture_output=True, text=True, check=False).stderr
+
+    @staticmethod
+    def metrics(container: str) -> str:
+        """The worker's Prometheus endpoint, read from inside its container (it is not published)."""
+        read = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9808/metrics').read().decode())"
+        done = subprocess.run(
+            ["docker", "exec", container, "python", "-c", read], check=False, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
 
 def _teardown(stack: Stack, client: docker.DockerClient) -> None:
     subprocess.run(
-        ["docker-compose", "-p", stack.project, "down", "--volumes", "--remove-orphans", "--timeout", "20"],
+        ["docker-compose", "-p", stack.project, "--profile", "webapp", "down", "--volumes", "--remove-orphans", "--timeout", "20"],
         cwd=ROOT, env=stack.env, capture_output=True, timeout=300, check=False,
     )  # fmt: skip
     for container in client.containers.list(all=True, filters={"label": f"sandbox-worker-owner={stack.owner}"}):
@@ -127,7 +141,7 @@ def stack() -> Iterator[Stack]:
     if HOST_CA_BUNDLE.is_file() and not BUILD_CA.exists():
         shutil.copyfile(HOST_CA_BUNDLE, BUILD_CA)
     tag = uuid.uuid4().hex[:8]
-    redis_port, flower_port = _free_port(), _free_port()
+    redis_port, flower_port, webapp_port = _free_port(), _free_port(), _free_port()
     stack = Stack(
         project=f"swcompose{tag}",
         owner=f"swcompose-{tag}",
@@ -140,10 +154,12 @@ def stack() -> Iterator[Stack]:
             "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
             "REDIS_PORT": str(redis_port),
             "FLOWER_PORT": str(flower_port),
+            "WEBAPP_PORT": str(webapp_port),
             "EGRESS_PROXY_PORT": str(_free_port()),
         },
         redis_url=f"redis://127.0.0.1:{redis_port}/0",
         flower_port=flower_port,
+        webapp_port=webapp_port,
     )
     client = docker.from_env()
     try:
@@ -209,3 +225,39 @@ def test_compose_workers_become_healthy(stack: Stack) -> None:
             return
         time.sleep(2)
     pytest.fail(f"worker health: {states}")
+
+
+def test_a_session_from_the_web_app_in_a_browser_shows_in_metrics_and_logs(stack: Stack) -> None:
+    """What a newcomer does after `docker-compose --profile webapp up`: start a session in the web app's page,
+    chat with the agent, then find the session in a worker's metrics and its one summary log line."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make test` (scripts/setup.sh installs it)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"http://127.0.0.1:{stack.webapp_port}")
+            page.select_option("#agent", "mock")
+            page.fill("#prompt", "hello")
+            page.click("text=Start session")
+            expect(page.locator("#state")).to_have_text("ready", timeout=180_000)
+            request_id = page.locator("#request").inner_text()
+            expect(page.locator("#chat .agent").first).to_have_text("mock: hello")
+            page.fill("#message", "and again")
+            page.click("text=Send")
+            expect(page.locator("#chat .agent").last).to_have_text("mock: and again")
+            page.click("text=End session")
+            expect(page.locator("#state")).to_have_text("terminated")
+        finally:
+            browser.close()
+
+    (serving,) = stack.served_by(request_id)
+    summary = [line for line in stack.log(serving).splitlines() if "session summary" in line and request_id in line]
+    assert len(summary) == 1 and json.loads(summary[0])["outcome"] == "ready", summary
+    ready = [
+        line
+        for line in stack.metrics(serving).splitlines()
+        if line.startswith("sandbox_worker_sessions_total{") and 'outcome="ready"' in line and 'agent="mock"' in line
+    ]
+    assert ready and sum(float(line.rsplit(" ", 1)[1]) for line in ready) >= 1, ready

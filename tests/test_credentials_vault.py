@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from tests.conftest import VENV_BIN
 from tests.standins.credentials import CredentialStack, EgressProxyProcess, bring_up, fail
 from tests.standins.llm_upstream import LLMUpstream
-from tests.standins.server import ThreadedServer
+from tests.standins.server import ThreadedServer, free_port
 from worker.config import Settings
 from worker.credentials.settings import EgressSettings
 from worker.credentials.vault import (
@@ -219,7 +219,12 @@ class Proxy:
 @pytest.fixture(scope="module")
 def proxy_process(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EgressProxyProcess]:
     """The real ``sandbox-worker egress-proxy`` process on loopback, for the upstreams below (plain http allowed)."""
-    env = {**base_env, "SANDBOX_WORKER_CREDENTIALS__EGRESS__ALLOW_HTTP_UPSTREAMS": "true"}
+    env = {
+        **base_env,
+        "SANDBOX_WORKER_CREDENTIALS__EGRESS__ALLOW_HTTP_UPSTREAMS": "true",
+        "SANDBOX_WORKER_METRICS_PORT": str(free_port()),
+        "SANDBOX_WORKER_METRICS_HOST": "127.0.0.1",
+    }
     process = EgressProxyProcess(env, "127.0.0.1", tmp_path_factory.mktemp("proxy") / "proxy.log").start()
     yield process
     process.stop()
@@ -329,6 +334,24 @@ NOT_MODEL_API = [
     ("POST", "/v1/messages%3F/../../v1/files"),
     ("POST", "/v1/responses"),  # another engine's route
 ]
+
+
+def _egress_requests(proxy_process: EgressProxyProcess, outcome: str, status: str) -> float:
+    port = proxy_process.env["SANDBOX_WORKER_METRICS_PORT"]
+    scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    line = f'sandbox_worker_egress_requests_total{{outcome="{outcome}",status="{status}"}} '
+    return next((float(row.removeprefix(line)) for row in scraped.splitlines() if row.startswith(line)), 0.0)
+
+
+def test_the_proxy_counts_its_requests_on_its_own_endpoint(proxy: Proxy, proxy_process: EgressProxyProcess) -> None:
+    """The proxy process serves its metrics on a port of its own: a forwarded request and a refused one each add one
+    to their outcome."""
+    before = (_egress_requests(proxy_process, "forwarded", "200"), _egress_requests(proxy_process, "refused", "401"))
+    assert proxy.post("/v1/messages", headers={"x-api-key": proxy.placeholder}, json={}).status_code == 200
+    assert proxy.post("/v1/messages", json={}).status_code == 401
+
+    after = (_egress_requests(proxy_process, "forwarded", "200"), _egress_requests(proxy_process, "refused", "401"))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
 
 
 def test_proxy_forwards_only_the_model_api(proxy: Proxy, codex_proxy: Proxy) -> None:

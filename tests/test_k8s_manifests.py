@@ -24,9 +24,6 @@ SCALEDOBJECT_SCHEMA = json.loads((Path(__file__).parent / "schemas" / "keda-scal
 
 Manifest = dict[str, Any]
 # Settings of the ops branch (metrics, heartbeat) that the manifests already use; Settings has them after the merge.
-OPS_SETTINGS = {"heartbeat_file", "metrics_port"}
-
-
 def _manifests() -> list[Manifest]:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     return [doc for name in kustomization["resources"] for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
@@ -128,6 +125,6 @@ def test_wiring_matches_the_code() -> None:
             {"secretRef": {"name": "sandbox-worker"}},
         ]
     # Every setting named in the ConfigMap and the Secret is one the worker knows (a typo is silently ignored).
-    known = Settings.model_fields.keys() | OPS_SETTINGS
+    known = Settings.model_fields.keys()
     for name in (*config, *secret["stringData"]):
         assert name.removeprefix("SANDBOX_WORKER_").split("__")[0].lower() in known, name

@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import structlog.testing
 from celery import Celery
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from providers.base import LABEL_OWNER, LABEL_REQUEST_ID
@@ -371,3 +373,39 @@ def test_an_agent_echoing_its_key_leaves_it_in_no_result_or_record(store: Store,
     assert LEAKED not in result.reply and MASK in result.reply
     record = store.get(result.request_id)
     assert record is not None and LEAKED not in record.result.model_dump_json()
+
+
+def _sessions(outcome: str, code: str = "") -> float:
+    labels = {"outcome": outcome, "provider": "fake", "agent": "mock", "strategy": "none", "warm": "false"}
+    return REGISTRY.get_sample_value("sandbox_worker_sessions_total", {**labels, "code": code}) or 0.0
+
+
+def test_each_attempt_is_counted_and_summarised_once(store: Store, provider: FakeProvider) -> None:
+    """A failed attempt, a retried one and a ready one each add one to the session counter under their outcome
+    (a failure with its code), and their stages to the stage histogram; each logs one summary line."""
+    before = (_sessions("failed", "provider_auth"), _sessions("retried", "provider_unavailable"), _sessions("ready"))
+    stage = REGISTRY.get_sample_value(
+        "sandbox_worker_stage_duration_seconds_count", {"stage": "session", "provider": "fake", "warm": "false"}
+    )
+    with structlog.testing.capture_logs() as logged:
+        provider.fail("start", ProviderAuthError("bad key", provider="fake"))
+        _pipeline(store, provider).create(_request("req-1"))
+        provider.fail("start", *[ProviderUnavailable("503", provider="fake")] * 2)
+        with pytest.raises(RetryLater):
+            _pipeline(store, provider).create(_request("req-2"))
+        _pipeline(store, provider).create(_request("req-2"))
+
+    after = (_sessions("failed", "provider_auth"), _sessions("retried", "provider_unavailable"), _sessions("ready"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+    assert (
+        REGISTRY.get_sample_value(
+            "sandbox_worker_stage_duration_seconds_count", {"stage": "session", "provider": "fake", "warm": "false"}
+        )
+        == (stage or 0) + 1
+    )
+    summaries = [line for line in logged if line["event"] == "session summary"]
+    assert [(s["outcome"], s["code"]) for s in summaries] == [
+        ("failed", "provider_auth"),
+        ("retried", "provider_unavailable"),
+        ("ready", None),
+    ]

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, signals
 
 from worker.config import Settings, get_settings
 from worker.models import ProviderName
@@ -24,6 +26,7 @@ REAP = "maintenance.reap"
 CHECK_SANDBOXES = "maintenance.check_sandboxes"
 BATCHES_TICK = "batches.tick"
 BATCHES_ADVANCE = "batches.advance"
+SENT_AT_HEADER = "sandbox_worker_sent_at"  # a create message's send time (epoch s): its queue wait starts there
 
 
 def provider_queue(provider: str) -> str:
@@ -85,3 +88,60 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
+
+
+# -- the worker's main process: its metrics endpoint and its heartbeat (docs/operations.md) ------------------------
+_heartbeat: list[Any] = []  # the running worker.health.Heartbeat, when there is one
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Before the pool forks: one endpoint for every process's samples (worker.metrics)."""
+    import structlog
+
+    from worker import metrics
+
+    settings = get_settings()
+    if settings.metrics_port and not metrics.serve(settings.metrics_host, settings.metrics_port):
+        structlog.get_logger(__name__).warning(
+            "no metrics endpoint: PROMETHEUS_MULTIPROC_DIR is not set (start the worker with `sandbox-worker worker`)"
+        )
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(**_: Any) -> None:
+    from worker.health import Heartbeat
+
+    settings = get_settings()
+    _heartbeat.append(Heartbeat(settings.heartbeat_file, settings.heartbeat_seconds))
+    _heartbeat[-1].start()
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    while _heartbeat:
+        _heartbeat.pop().stop()
+
+
+@signals.task_prerun.connect
+def _queue_wait(task: Any, **_: Any) -> None:
+    """A first delivery of a create: the time it spent queued, on the sender's clock (a retry's countdown or a
+    redelivery is not queue wait)."""
+    request = task.request
+    sent_at = getattr(request, SENT_AT_HEADER, None)
+    redelivered = (request.delivery_info or {}).get("redelivered")
+    if task.name != CREATE_SESSION or not isinstance(sent_at, int | float) or request.retries or redelivered:
+        return
+    import time
+
+    from worker import metrics
+
+    queue = (request.delivery_info or {}).get("routing_key") or SESSIONS_QUEUE
+    metrics.QUEUE_WAIT_SECONDS.labels(queue).observe(max(time.time() - sent_at, 0.0))
+
+
+@signals.worker_process_shutdown.connect
+def _child_exited(pid: int, **_: Any) -> None:
+    from worker import metrics
+
+    metrics.child_exited(pid)

@@ -158,6 +158,18 @@ class Settings(BaseSettings):
     )
 
     log_format: str = Field("auto", pattern=r"^(auto|json|console)$", description="Log renderer.")
+    metrics_port: int = Field(
+        9808,
+        ge=0,
+        le=65535,
+        description="Port of the worker's Prometheus endpoint (`/metrics`, every pool process's samples); 0: off.",
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address the Prometheus endpoint listens on.")  # noqa: S104
+    heartbeat_file: Path = Field(
+        Path("/tmp/sandbox-worker.heartbeat"),  # noqa: S108 - a liveness marker, holds nothing
+        description="File the worker's main process touches while it runs (`sandbox-worker check --liveness`).",
+    )
+    heartbeat_seconds: float = Field(10.0, gt=0, description="Seconds between two touches of the heartbeat file.")
 
     providers: list[ProviderName] = Field(
         default_factory=lambda: [ProviderName("docker")], description="Providers the reaper sweeps (JSON list)."

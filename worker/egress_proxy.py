@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from worker import metrics
 from worker.config import Settings
 from worker.credentials.settings import EgressSettings
 from worker.credentials.vault import MODEL_ROUTES, Binding, Placeholders, Vault, VaultStore, resolve
@@ -102,6 +103,7 @@ class Masker:
 
 
 def _refuse(status: int, message: str) -> JSONResponse:
+    metrics.EGRESS_REQUESTS.labels("unreachable" if status == 502 else "refused", str(status)).inc()
     return JSONResponse({"error": {"type": "egress_proxy", "message": message}}, status_code=status)
 
 
@@ -204,6 +206,7 @@ class EgressProxy:
                 await response.aclose()
                 ms = round((time.perf_counter() - started) * 1000, 1)
                 log.info("egress", status=response.status_code, ms=ms, **context)
+                metrics.EGRESS_REQUESTS.labels("forwarded", str(response.status_code)).inc()
 
         response_headers = {
             k: v.replace(secret, MASK) for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE
@@ -229,6 +232,10 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     from worker.store import Store
 
     configure_logging(settings.log_format)
+    if settings.metrics_port:  # its own endpoint, on a port sandboxes are not given (the proxy's is theirs)
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     egress: EgressSettings = settings.credentials.egress
     app = build_app(settings, SecretStore.from_store(Store.from_settings(settings)))
     log.info("egress proxy starting", host=host or egress.listen_host, port=port or egress.listen_port)

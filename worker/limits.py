@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 import redis
 import structlog
 
+from worker import metrics
 from worker.errors import CapacityTimeout
 from worker.fleet import FleetConfig
 from worker.models import ProviderName, SessionRequest
@@ -133,7 +134,7 @@ class Semaphore:
     ) -> float:
         """Wait in line for a slot until ``deadline`` (``time.monotonic()``); returns the seconds waited.
         ``checkpoint`` runs between polls and may raise to give up (the place in line is then left)."""
-        started = time.monotonic()
+        started, granted = time.monotonic(), False
         try:
             while not self.try_acquire(holder, lease_seconds):
                 if time.monotonic() >= deadline:
@@ -143,9 +144,13 @@ class Semaphore:
                     )
                 checkpoint()
                 time.sleep(random.uniform(POLL_SECONDS / 2, POLL_SECONDS * 1.5))  # noqa: S311 - jitter, not crypto
+            granted = True
         except BaseException:
             self.leave_line(holder)
             raise
+        finally:
+            kind = self.name.partition(":")[0]  # tenant, provider, sandboxes: not the tenant's id (cardinality)
+            metrics.LIMIT_WAIT_SECONDS.labels(kind, str(granted).lower()).observe(time.monotonic() - started)
         return time.monotonic() - started
 
     def renew(self, holder: str, lease_seconds: float) -> bool:

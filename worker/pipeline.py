@@ -38,7 +38,7 @@ from providers.base import (
     Sandbox,
     SandboxSpec,
 )
-from worker import daemon, failover
+from worker import daemon, failover, metrics
 from worker.acp import AcpConnection
 from worker.agents import HOME, AgentSetup, agent_setup
 from worker.breaker import Breaker
@@ -223,25 +223,59 @@ class Pipeline:
         record.attempts += 1
         record.result.started_at = time.time()
         attempt = _Attempt(record=record, lease=lease)
-        structlog.contextvars.bind_contextvars(request_id=request.request_id, tenant_id=request.tenant_id)
+        structlog.contextvars.bind_contextvars(
+            request_id=request.request_id, tenant_id=request.tenant_id, provider=request.provider.value
+        )
+        started, outcome = time.perf_counter(), "error"
         try:
             with lease.heartbeat():
                 try:
-                    return self._stages(request, attempt)
+                    result = self._stages(request, attempt)
                 except _LeaseLost:
                     raise
                 except Exception as exc:  # every failure compensates; the classification decides what follows
-                    return self._fail(request, attempt, exc)
+                    result = self._fail(request, attempt, exc)
+                outcome = result.state.value
+                return result
+        except RetryLater:
+            outcome = "retried"
+            raise
         except _LeaseLost:
+            outcome = "lease_lost"
             log.warning("lease lost mid-bring-up: leaving the request to the worker that took it over")
             raise RetryLater(Busy("the lease on this request ran out during the bring-up"), record.result) from None
         finally:
+            self._summarise(request, attempt, outcome, time.perf_counter() - started)
             if attempt.acp is not None:
                 attempt.acp.detach()
             if attempt.client is not None:
                 attempt.client.close()
             REDACTOR.forget(attempt.secrets)
-            structlog.contextvars.unbind_contextvars("request_id", "tenant_id")
+            structlog.contextvars.unbind_contextvars("request_id", "tenant_id", "provider", "sandbox_id")
+
+    def _summarise(self, request: SessionRequest, attempt: _Attempt, outcome: str, seconds: float) -> None:
+        """The attempt's one summary line and its metrics (worker.metrics): what ended how, where, how fast."""
+        result = attempt.record.result
+        provider = attempt.provider.name if attempt.provider is not None else request.provider.value
+        chosen = attempt.grant.strategy if attempt.grant is not None else request.credentials.strategy
+        strategy = chosen.value if chosen is not None else ""
+        warm = "true" if attempt.warm is not None else "false"
+        code = result.error.code if result.error is not None and outcome != "ready" else ""
+        metrics.SESSIONS.labels(outcome, provider, request.agent.value, strategy, warm, code).inc()
+        metrics.SESSION_SECONDS.labels(outcome, provider, warm).observe(seconds)
+        log.info(
+            "session summary",
+            outcome=outcome,
+            provider=provider,
+            agent=request.agent.value,
+            strategy=strategy,
+            warm=attempt.warm is not None,
+            attempt=attempt.record.attempts,
+            stage=result.stage,
+            code=code or None,
+            stages_ms=attempt.timings,
+            total_ms=round(seconds * 1000, 1),
+        )
 
     # -- the stage runner ---------------------------------------------------------------------------------
     def _checkpoint(self, attempt: _Attempt, stage: str) -> None:
@@ -270,8 +304,12 @@ class Pipeline:
             exc.stage = exc.stage or stage
             raise
         finally:
-            attempt.timings[stage] = round((time.perf_counter() - started) * 1000, 1)
+            elapsed = time.perf_counter() - started
+            attempt.timings[stage] = round(elapsed * 1000, 1)
             attempt.record.result.timings_ms = dict(attempt.timings)
+            provider = attempt.provider.name if attempt.provider is not None else attempt.record.request.provider.value
+            warm = "true" if attempt.warm is not None else "false"
+            metrics.STAGE_SECONDS.labels(stage, provider, warm).observe(elapsed)
         log.info("stage done", stage=stage, ms=attempt.timings[stage])
 
     def _fault_pause(self, stage: StageName) -> None:
@@ -313,6 +351,7 @@ class Pipeline:
                 checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
                 slots.enter_context(self.limits.tenant_slot(request, deadline, checkpoint))
                 provider, sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline, slots)
+                structlog.contextvars.bind_contextvars(provider=provider.name, sandbox_id=sandbox.sandbox_id)
                 if sandbox.private_address:  # before the daemon stage hands the credential to the sandbox
                     self.credentials.bind(request, grant, sandbox.private_address)
 

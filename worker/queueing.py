@@ -11,6 +11,7 @@ argument, beside the request.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -23,6 +24,7 @@ from worker.celery_app import (
     BATCHES_ADVANCE,
     CREATE_SESSION,
     PROVIDER_NAMES,
+    SENT_AT_HEADER,
     SESSION_ACCESS,
     SESSION_STATUS,
     SESSIONS_QUEUE,
@@ -83,6 +85,7 @@ def send_create(
         task_id=task_id_for(request_id),
         queue=queue_of(payload.get("provider")),
         declare=NO_DECLARE,
+        headers={SENT_AT_HEADER: time.time()},  # the queue wait's start (worker.metrics.QUEUE_WAIT_SECONDS)
         **options,
     )
 

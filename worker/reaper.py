@@ -48,6 +48,7 @@ from typing import Any, Literal
 import structlog
 
 from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, LABEL_REQUEST_ID, Provider, Sandbox
+from worker import metrics
 from worker.config import DEFAULT_OWNER, Settings
 from worker.errors import SandboxGone, SandboxWorkerError
 from worker.limits import Limits
@@ -226,6 +227,7 @@ class Reaper:
             log.warning("reaper action failed", action=item.action, request_id=item.request_id, error=reason)
             return item
         if done:
+            metrics.REAPED.labels(item.action, item.provider or "").inc()
             log.info("reaped", action=item.action, reason=item.reason, request_id=item.request_id)
         return Reaped(item.action, item.reason, item.request_id, item.provider, item.sandbox_id, done)
 

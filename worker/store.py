@@ -206,6 +206,22 @@ class Store:
         raw = self.redis.get(f"{PREFIX}session:{request_id}")
         return SessionRecord.model_validate_json(raw) if raw else None
 
+    def results(self, batch: int = 500) -> Iterator[SessionResult]:
+        """Every record's result, in no order (SCAN: no blocking of Redis however many there are). An operator's
+        listing: it reads the records directly, which a signed client's Redis user may not."""
+        keys: list[str] = []
+        for key in self.redis.scan_iter(match=f"{PREFIX}session:*", count=batch):
+            keys.append(key)
+            if len(keys) >= batch:
+                yield from self._results_of(keys)
+                keys = []
+        yield from self._results_of(keys)
+
+    def _results_of(self, keys: list[str]) -> Iterator[SessionResult]:
+        for raw in self.redis.mget(keys) if keys else []:
+            if raw:  # gone between the scan and the read
+                yield SessionRecord.model_validate_json(raw).result
+
     def put(self, record: SessionRecord) -> None:
         """Write ``record``. Its result holds what the sandbox sent (a reply, tool calls, session id, errors): it
         is redacted here, in place, so the record and whatever returns ``record.result`` are masked alike."""

@@ -46,7 +46,20 @@ def worker(
     loglevel: Annotated[str, typer.Option()] = "INFO",
     beat: Annotated[bool, typer.Option(help="Also run the scheduler (single-host setups).")] = False,
 ) -> None:
-    """Start a Celery worker."""
+    """Start a Celery worker, with its metrics endpoint (SANDBOX_WORKER_METRICS_PORT) and heartbeat file
+    (SANDBOX_WORKER_HEARTBEAT_FILE)."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    # Before anything imports prometheus-client: every pool process then writes its samples where the main
+    # process's endpoint reads them (worker.metrics). A directory the operator set is theirs to wipe.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Its value class is chosen at import: imported already, every process would count in its own memory.
+        assert "prometheus_client" not in sys.modules, "prometheus_client is imported before the worker command"
+        own_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sandbox-worker-metrics-")
     from worker.celery_app import SESSIONS_QUEUE, provider_queue
     from worker.celery_app import app as celery
 
@@ -58,7 +71,11 @@ def worker(
     argv = ["worker", f"--concurrency={concurrency}", f"--queues={queues}", f"--loglevel={loglevel}"]
     if beat:
         argv.append("--beat")
-    celery.worker_main(argv)
+    try:
+        celery.worker_main(argv)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def _batches() -> Batches:

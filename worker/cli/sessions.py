@@ -1,8 +1,10 @@
-"""Sessions on the ``sandbox-worker`` command: ``submit``, ``status``, ``terminate``, and the request ``schema``."""
+"""Sessions on the ``sandbox-worker`` command: ``submit``, ``status``, ``terminate``, ``sessions list``, and the
+request ``schema``."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from worker.client import SessionClient
 
 SCHEMA_PATH = Path("docs") / "session-request.schema.json"
+sessions_app = typer.Typer(no_args_is_help=True, help="The session records in Redis (an operator's view).")
 AsJson = Annotated[bool, typer.Option("--json", help="Print the SessionResult as JSON on stdout.")]
 
 
@@ -113,16 +116,22 @@ def submit(
         else:
             output.line(request.request_id)
         return
+    result = _follow(client, request.request_id, timeout, as_json)
+    _print_result(result, as_json)
+    raise typer.Exit(0 if result.state is SessionState.ready else 1)
+
+
+def _follow(client: SessionClient, request_id: str, timeout: float, as_json: bool) -> SessionResult:
+    """Wait for the request to end, showing its stages live on stderr (gone when the result is JSON)."""
     with Live(_progress_view(None), console=output.stderr, transient=as_json) as live:
         try:
             result = client.wait(
-                request.request_id, timeout=timeout, on_progress=lambda stage: live.update(_progress_view(stage))
+                request_id, timeout=timeout, on_progress=lambda stage: live.update(_progress_view(stage))
             )
         except (TimeoutError, RuntimeError) as exc:
             raise output.fail(str(exc), code=1) from None
         live.update(_progress_view(result.stage, result.state))
-    _print_result(result, as_json)
-    raise typer.Exit(0 if result.state is SessionState.ready else 1)
+    return result
 
 
 def status(
@@ -135,15 +144,23 @@ def status(
             "as `token` and `headers`."
         ),
     ] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the request's stages live until it is ready, failed or terminated.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --watch.")] = 900.0,
 ) -> None:
     """Show a request's state and result."""
     client = _client()
     result = client.status(request_id)
     if result is None:
         raise output.fail(f"no request {request_id}", field="request_id", code=1)
+    if watch and not result.state.terminal:
+        result = _follow(client, request_id, timeout, as_json)
     access = client.access(request_id) if show_token else None
     if show_token and access is None:
-        if not as_json:
+        if as_json:  # the one document, saying there is no token
+            output.json_doc({**result.model_dump(mode="json"), "token": None, "headers": {}})
+        else:
             _print_result(result, as_json)
         raise output.fail("no token: the session is not ready", code=1)
     if as_json:
@@ -182,6 +199,52 @@ def schema(
         output.line(text.removesuffix("\n"))
 
 
+@sessions_app.command("list")
+def sessions_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's.")] = None,
+    state: Annotated[SessionState | None, typer.Option(help="Only those in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, the latest updated first.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON list on stdout.")] = False,
+) -> None:
+    """List session records, the latest updated first. Reads Redis directly: an operator's command (a signed web app's
+    Redis user cannot read the records; it asks about its own requests with `status`)."""
+    from worker.config import get_settings
+    from worker.store import Store
+
+    found = [
+        result
+        for result in Store.from_settings(get_settings()).results()
+        if (tenant is None or result.tenant_id == tenant) and (state is None or result.state is state)
+    ]
+    found = sorted(found, key=lambda result: result.updated_at, reverse=True)[:limit]
+    if as_json:
+        output.json_doc([result.model_dump(mode="json") for result in found])
+        return
+    if not found:
+        output.show("no sessions")
+        return
+    table = Table(box=None)
+    table.add_column("request_id", no_wrap=True)
+    for column in ("tenant", "state", "stage", "provider", "agent", "warm", "updated", "error"):
+        table.add_column(column, overflow="fold")
+    now = time.time()
+    for result in found:
+        cells = (
+            result.request_id,
+            result.tenant_id or "",
+            result.state.value,
+            result.stage or "",
+            result.provider.value if result.provider else "",
+            result.agent.value if result.agent else "",
+            "yes" if result.warm else "",
+            f"{now - result.updated_at:.0f}s ago",
+            result.error.code if result.error else "",
+        )
+        table.add_row(*(plain(cell) for cell in cells))  # ids and stages come from requests and sandboxes
+    output.show(table)
+
+
 def register(app: typer.Typer) -> None:
     for command in (submit, status, terminate, schema):
         app.command()(command)
+    app.add_typer(sessions_app, name="sessions")

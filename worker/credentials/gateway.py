@@ -160,7 +160,11 @@ class GatewayKeys:
         return self.secrets.locked(f"{KIND}:{backend.value}:{check_tenant(tenant)}", self.lock_seconds)
 
     def _mint(self, client: GatewayClient, tenant: str, previous: TenantKey | None) -> TenantKey:
+        from worker import metrics  # not at import: worker.config loads this module, and the worker command must
+        # set up the metrics' samples directory before anything imports prometheus-client (worker.metrics)
+
         key = client.mint(tenant, previous)
+        metrics.GATEWAY_MINTS.labels(client.backend.value).inc()
         try:
             self.secrets.seal(KIND, tenant, client.backend.value, key)
         except Exception:

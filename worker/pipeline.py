@@ -124,7 +124,7 @@ class _Attempt:
     sandbox: Sandbox | None = None
     adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
     warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
-    warm_server: str | None = None  # the warm pool's initialized agent, when the session uses its daemon as it is
+    warm_as_is: bool = False  # the session uses the warm daemon, agent and session as they are (pool.binds_as_is)
     token: SecretStr | None = None
     grant: CredentialGrant | None = None
     agent: AgentSetup = field(default_factory=AgentSetup)
@@ -308,8 +308,7 @@ class Pipeline:
                 checkpoint = functools.partial(self._checkpoint, attempt, "sandbox")
                 slots.enter_context(self.limits.tenant_slot(request, deadline, checkpoint))
                 provider, sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline, slots)
-                if sandbox.private_address:  # before the daemon stage hands the credential to the sandbox
-                    self.credentials.bind(request, grant, sandbox.private_address)
+                grant = self._bind_credentials(request, attempt, sandbox, grant, environment)
 
             with self._stage(attempt, "daemon"):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
@@ -434,7 +433,7 @@ class Pipeline:
     ) -> Sandbox | None:
         """A started sandbox from the request's warm pool, under the provider's bring-up cap; None (start cold) when
         the request has no pool or its pool had nothing alive to give."""
-        target = self.pools.target_for(request)
+        target = self.pools.target_for(request, attempt.grant.strategy if attempt.grant else None)
         if target is None:
             return None
         record = attempt.record
@@ -455,6 +454,32 @@ class Pipeline:
         )
         self.store.put(record)
         return claimed.sandbox
+
+    def _bind_credentials(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        sandbox: Sandbox,
+        grant: CredentialGrant,
+        environment: SessionEnvironment,
+    ) -> CredentialGrant:
+        """Tie the grant to its sandbox before the daemon stage hands it over: to its private address where it has
+        one; and where the session uses a warm daemon as it is, the grant adopts the placeholder its agent already
+        holds (bound to nothing until now)."""
+        warm = attempt.warm
+        if warm is not None and binds_as_is(request, attempt.agent, grant, environment, warm.entry):
+            adopted = (
+                self.credentials.adopt(request, grant, warm.placeholder, sandbox.private_address)
+                if warm.placeholder is not None
+                else grant
+            )
+            if adopted is not None:
+                attempt.warm_as_is, attempt.grant = True, adopted
+                attempt.mask(adopted.secret_values())
+                return adopted
+        if sandbox.private_address:
+            self.credentials.bind(request, grant, sandbox.private_address)
+        return grant
 
     def _start_sandbox(
         self,
@@ -499,9 +524,9 @@ class Pipeline:
             # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
             # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
-        # A warm daemon runs with no tenant's anything: used as it is only when the session adds nothing to it.
-        as_is = warm is not None and binds_as_is(request, attempt.agent, grant, environment)
-        token = attempt.token = warm.token if warm is not None and as_is else daemon.new_token()
+        # A warm daemon runs with no tenant's anything: used as it is (its agent and session too) when the sandbox
+        # stage found it fit, otherwise replaced by the session's.
+        token = attempt.token = warm.token if warm is not None and attempt.warm_as_is else daemon.new_token()
         attempt.mask([token.get_secret_value()])
         record.daemon_token = self.store.cipher.encrypt(token)
         self.store.put(record)
@@ -509,9 +534,7 @@ class Pipeline:
             retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
             retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
             self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
-        elif as_is:
-            attempt.warm_server = warm.entry.server_id  # its agent too, spawned and initialized when it was filled
-        else:  # its daemon and agent were checked and installed when it was filled
+        elif not attempt.warm_as_is:  # its daemon and agent were checked and installed when it was filled
             self._replace_warm_daemon(request, attempt, warm, grant, environment)
         endpoint = (
             warm.endpoint if warm is not None else retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
@@ -587,21 +610,24 @@ class Pipeline:
 
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record
-        server_id = attempt.warm_server or f"sw-{request.request_id}-{record.attempts}"
+        pooled = attempt.warm.entry if attempt.warm is not None and attempt.warm_as_is else None
+        server_id = (pooled and pooled.server_id) or f"sw-{request.request_id}-{record.attempts}"
         acp = attempt.acp = AcpConnection(
             client, server_id, request.agent.value, permissions=request.session.permissions
         )
-        if attempt.warm_server:
-            acp.attach()  # checked, spawned and initialized when the pool filled the sandbox
+        session_id = pooled.session_id if pooled is not None else None
+        if pooled is not None and pooled.server_id:
+            acp.attach(pooled.acp_requests)  # checked, spawned and initialized when the pool filled the sandbox
         else:
             # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
                 checked = background.submit(daemon.check_agent, client, request.agent.value)
                 acp.initialize(timeout=settings.session_timeout)
                 checked.result()
-        if attempt.agent.auth_method:
-            acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
-        session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
+        if session_id is None:
+            if attempt.agent.auth_method:
+                acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
+            session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
         mode = request.session.mode or attempt.agent.mode
         if mode:
             acp.set_mode(session_id, mode, timeout=settings.session_timeout)

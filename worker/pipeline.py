@@ -251,12 +251,15 @@ class Pipeline:
             raise Terminated("terminated while starting", stage=stage)
 
     @contextlib.contextmanager
-    def _stage(self, attempt: _Attempt, stage: StageName) -> Iterator[None]:
+    def _stage(self, attempt: _Attempt, stage: StageName, *, quiet: bool = False) -> Iterator[None]:
+        """Run one stage: checked against the lease and terminate requests, timed, and reported (the record written,
+        the progress hook called) unless ``quiet``: a stage of milliseconds whose outcome the next write carries."""
         self._checkpoint(attempt, stage)
         attempt.record.result.state = SessionState.starting
         attempt.record.result.stage = stage
-        self.store.put(attempt.record)
-        self.progress(stage, attempt.record.result)
+        if not quiet:
+            self.store.put(attempt.record)
+            self.progress(stage, attempt.record.result)
         started = time.perf_counter()
         try:
             yield
@@ -310,13 +313,14 @@ class Pipeline:
                 provider, sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline, slots)
                 grant = self._bind_credentials(request, attempt, sandbox, grant, environment)
 
-            with self._stage(attempt, "daemon"):
+            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write.
+            with self._stage(attempt, "daemon", quiet=attempt.warm_as_is):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
-            with self._stage(attempt, "session"):
+            with self._stage(attempt, "session", quiet=attempt.warm_as_is and not request.session.prompt):
                 self._open_session(request, attempt, client)
 
-        with self._stage(attempt, "ready"):
+        with self._stage(attempt, "ready", quiet=attempt.warm_as_is):
             record.result.state = SessionState.ready
             record.result.error = None
         self.store.put(record)
@@ -529,7 +533,8 @@ class Pipeline:
         token = attempt.token = warm.token if warm is not None and attempt.warm_as_is else daemon.new_token()
         attempt.mask([token.get_secret_value()])
         record.daemon_token = self.store.cipher.encrypt(token)
-        self.store.put(record)
+        if not attempt.warm_as_is:  # kept before the daemon starts, for a redelivery to adopt the sandbox with it
+            self.store.put(record)
         if warm is None:
             retry(lambda: daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
             retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
@@ -541,7 +546,8 @@ class Pipeline:
         )
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
-            client.wait_healthy(settings.health_timeout, poll=WARM_HEALTH_POLL if warm is not None else None)
+            if not attempt.warm_as_is:  # a daemon used as it is answered the claim's health check moments ago
+                client.wait_healthy(settings.health_timeout, poll=WARM_HEALTH_POLL if warm is not None else None)
         except SandboxWorkerError as exc:
             tail = REDACTOR.redact(daemon.daemon_log_tail(provider, sandbox))
             if tail:

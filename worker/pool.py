@@ -72,17 +72,17 @@ LABEL_POOL_ENTRY = "sandbox-worker-pool-entry"
 POOL_CWD = "/workspace"  # the pooled daemon's working directory (the request's default cwd)
 
 # KEYS: ready, entries, claimed. ARGV: request id. The newest ready entry (the least likely to be near its max age),
-# taken out and noted as claimed in one step: returns its JSON, or false when the pool is empty.
+# taken out and noted as claimed in one step: returns [its JSON, or nil when the pool is empty; the entries left].
 _CLAIM = """
 local popped = redis.call('ZPOPMAX', KEYS[1])
-if #popped == 0 then return false end
+if #popped == 0 then return {false, 0} end
 local id = popped[1]
 local entry = redis.call('HGET', KEYS[2], id)
 redis.call('HDEL', KEYS[2], id)
 local note = {request_id = ARGV[1], at = tonumber(redis.call('TIME')[1])}
 if entry then note.sandbox_id = cjson.decode(entry).sandbox_id end
 redis.call('HSET', KEYS[3], id, cjson.encode(note))
-return entry or false
+return {entry or false, redis.call('ZCARD', KEYS[1])}
 """
 
 
@@ -248,7 +248,8 @@ class Pools:
         keys = _Keys.of(name)
         started = time.perf_counter()
         try:
-            raw = self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=[request.request_id])
+            raw, left = self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=[request.request_id])
+            metrics.POOL_SIZE.labels(name).set(left)
             miss = "empty"
             if raw:
                 entry = PoolEntry.model_validate_json(raw)
@@ -269,7 +270,6 @@ class Pools:
             return None
         finally:
             metrics.POOL_CLAIM_SECONDS.labels(name).observe(time.perf_counter() - started)
-            metrics.POOL_SIZE.labels(name).set(self.redis.zcard(keys.ready))
 
     def _check(
         self, entry: PoolEntry, provider: Provider
@@ -333,7 +333,7 @@ class Pools:
         removed = 0
         for target in self.config.targets:
             keys = _Keys.of(pool_name(target))
-            while raw := self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=["drain"]):
+            while (raw := self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=["drain"])[0]) is not None:
                 self.discard(PoolEntry.model_validate_json(raw))
                 removed += 1
         return removed

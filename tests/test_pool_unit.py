@@ -280,9 +280,9 @@ def test_only_a_vault_session_like_the_pools_uses_its_daemon_as_it_is(
 ) -> None:
     """The session's daemon environment must be the pool's but for the placeholder, from a strategy that adopts it."""
     settings = _vault_settings()
-    env, placeholder = pool_environment(VAULT_TARGET, settings)
-    assert placeholder is not None and env["ANTHROPIC_API_KEY"] == placeholder
-    entry = _vault_entry(env)
+    pooled = pool_environment(VAULT_TARGET, settings)
+    assert pooled.placeholder is not None and pooled.env["ANTHROPIC_API_KEY"] == pooled.placeholder
+    entry = _vault_entry(pooled.env)
     base_url = proxy_url("http://proxy.test:8089", llm_base_url)
     grant = token_grant(Strategy(strategy), LLMProvider.anthropic, SecretStr("swph-session"), base_url=base_url)
     request = SessionRequest.model_validate(

@@ -22,7 +22,7 @@ from worker.config import get_settings
 from worker.credentials.vault import Placeholders, Vault, VaultCredential, VaultStore
 from worker.limits import Limits
 from worker.models import SessionState
-from worker.pool import Pools
+from worker.pool import PoolEntry, Pools, pool_name
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,10 @@ def _configure(stack: CredentialStack, monkeypatch: pytest.MonkeyPatch) -> Pools
     runtime.credentials.cache_clear()
     settings = get_settings()
     return Pools(settings, runtime.store(), runtime.provider, Limits(runtime.store().redis, settings.fleet, 30))
+
+
+def _entries(pools: Pools) -> str:
+    return f"sw:pool:{{{pool_name(pools.config.targets[0])}}}:entries"
 
 
 def _tenant_with_vault(stack: CredentialStack) -> str:
@@ -149,6 +153,8 @@ def test_a_warm_claude_vault_session_adopts_the_pooled_placeholder(
     assert refused.startswith("403 ") and "not valid" in refused, refused
     assert not _holds(container, real)
     assert vault_api.model_requests() == []
+    [entry] = [PoolEntry.model_validate_json(raw) for raw in runtime.store().redis.hvals(_entries(pools))]
+    assert entry.session_id and entry.mode == "bypassPermissions"
 
     tenant = _tenant_with_vault(stack)
     request = stack.request("claude", {"strategy": "vault", "vaults": ["anthropic"]}, tenant=tenant, prompt="say hi")
@@ -156,6 +162,7 @@ def test_a_warm_claude_vault_session_adopts_the_pooled_placeholder(
 
     assert result.state is SessionState.ready and result.warm, result.error
     assert container.id.startswith(result.sandbox_id) and result.reply
+    assert (result.server_id, result.session_id) == (entry.server_id, entry.session_id)  # no session/new
     # The same daemon and agent processes: no restart, no second agent.
     assert _processes(container, "sandbox-agent server", "claude-agent-acp") == running
     assert {c.credential for c in vault_api.model_requests()} == {real}

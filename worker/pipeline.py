@@ -635,7 +635,7 @@ class Pipeline:
                 acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
             session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
         mode = request.session.mode or attempt.agent.mode
-        if mode:
+        if mode and not (pooled is not None and pooled.mode == mode):
             acp.set_mode(session_id, mode, timeout=settings.session_timeout)
         if request.session.model:
             acp.set_model(session_id, request.session.model, timeout=settings.session_timeout)

@@ -19,7 +19,8 @@ uses the daemon, agent and session as they are: the mock agent with strategy ``n
 LLM vault has the pool's ``llm_base_url``, whose grant then adopts the entry's placeholder (bound in Redis to the
 tenant's vault and the sandbox's address: :meth:`worker.credentials.vault.VaultStrategy.adopt`). Any other
 session restarts the daemon with its own environment (credentials, user env, agent switches), files and cwd
-(~35 ms), and its agent is spawned after the claim. Either way the session stage sets model and mode.
+(~35 ms), and its agent is spawned after the claim. Either way the session stage sets the model, and the mode
+unless the pooled session already has it (a vault pool sets the headless mode at fill time).
 
 Entries are recycled unclaimed after ``max_age_seconds`` and never reused: a claimed sandbox belongs to its request
 and goes with it (terminate, compensation, the reaper). Pooled sandboxes hold a slot of their provider's sandbox
@@ -119,6 +120,7 @@ class PoolEntry(BaseModel):
     server_id: str | None = None  # an ACP server whose agent is spawned and initialized
     acp_requests: int = 1  # the requests the filler sent on that server (before sessions were pooled: 1)
     session_id: str | None = None  # an ACP session it created there, in POOL_CWD
+    mode: str | None = None  # the mode set on that session
     created_at: float
     expires_at: float  # the sandbox's hard lifetime
 
@@ -160,12 +162,21 @@ def binds_as_is(
     )
 
 
-def pool_environment(target: PoolTarget, settings: Settings) -> tuple[dict[str, SecretStr | str], SecretStr | None]:
-    """The pooled daemon's environment and its placeholder: nothing for a target without a strategy; for a vault
-    target what a vault session's grant and agent setup give it (the egress proxy's URL for the target's LLM, the
-    agent's switches), with a fresh placeholder bound to nothing as its key."""
+@dataclass(frozen=True, slots=True)
+class PoolSetup:
+    """What a pooled daemon and its agent start with: no tenant's anything."""
+
+    env: dict[str, SecretStr | str]
+    placeholder: SecretStr | None = None  # the value of the secret variables, bound to nothing
+    mode: str | None = None  # the ACP session mode set on the pooled session (a headless session's)
+
+
+def pool_environment(target: PoolTarget, settings: Settings) -> PoolSetup:
+    """Nothing for a target without a strategy; for a vault target what a vault session's grant and agent setup give
+    it (the egress proxy's URL for the target's LLM, the agent's switches and headless mode), with a fresh placeholder
+    bound to nothing as its key."""
     if target.strategy is None:
-        return {}, None
+        return PoolSetup({})
     provider = llm_provider_for(target.agent, None)
     public_url = settings.credentials.egress.public_url
     if provider is None or not public_url:
@@ -188,7 +199,7 @@ def pool_environment(target: PoolTarget, settings: Settings) -> tuple[dict[str, 
         raise ConfigurationError(
             f"agent {target.agent.value} takes config files or an ACP authenticate: pool it without a strategy"
         )
-    return daemon_environment(grant, setup), placeholder
+    return PoolSetup(daemon_environment(grant, setup), placeholder, setup.mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,8 +397,8 @@ class Pools:
                 idempotency_key=f"pool-{entry_id}",
             )
             sandbox = provider.start(spec)
-            env, placeholder = pool_environment(target, settings)
-            token, agent = self._start_daemon(target, provider, sandbox, entry_id, env)
+            setup = pool_environment(target, settings)
+            token, agent = self._start_daemon(target, provider, sandbox, entry_id, setup)
             entry = PoolEntry(
                 entry_id=entry_id,
                 pool=name,
@@ -397,9 +408,9 @@ class Pools:
                 token=self.store.cipher.encrypt(token),
                 private_address=sandbox.private_address,
                 strategy=target.strategy,
-                env={k: v for k, v in env.items() if isinstance(v, str)},
-                secret_env=sorted(k for k, v in env.items() if not isinstance(v, str)),
-                placeholder=self.store.cipher.encrypt(placeholder) if placeholder else None,
+                env={k: v for k, v in setup.env.items() if isinstance(v, str)},
+                secret_env=sorted(k for k, v in setup.env.items() if not isinstance(v, str)),
+                placeholder=self.store.cipher.encrypt(setup.placeholder) if setup.placeholder else None,
                 **agent,
                 created_at=now,
                 expires_at=expires,
@@ -423,7 +434,7 @@ class Pools:
         return 1
 
     def _start_daemon(
-        self, target: PoolTarget, provider: Provider, sandbox: Sandbox, entry_id: str, env: dict[str, SecretStr | str]
+        self, target: PoolTarget, provider: Provider, sandbox: Sandbox, entry_id: str, setup: PoolSetup
     ) -> tuple[SecretStr, dict[str, Any]]:
         """The daemon of a pooled sandbox: checked, its agent installed, started with the pool's environment (no
         tenant's anything), healthy. Its agent is spawned, ACP-initialized and given a session in POOL_CWD when the
@@ -434,7 +445,7 @@ class Pools:
         daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
         daemon.install_agent(provider, sandbox, agent, settings.daemon_install)
         token = daemon.new_token()
-        daemon.start_daemon(provider, sandbox, token=token, port=settings.daemon_port, cwd=POOL_CWD, env=env)
+        daemon.start_daemon(provider, sandbox, token=token, port=settings.daemon_port, cwd=POOL_CWD, env=setup.env)
         client = daemon.DaemonClient(provider.endpoint(sandbox, settings.daemon_port), token)
         fields: dict[str, Any] = {}
         try:
@@ -445,7 +456,14 @@ class Pools:
                 with AcpConnection(client, server_id, agent) as acp:
                     acp.initialize(timeout=settings.session_timeout)
                     session_id = acp.new_session(POOL_CWD, timeout=settings.session_timeout)
-                fields = {"server_id": server_id, "acp_requests": 2, "session_id": session_id}
+                    if setup.mode:
+                        acp.set_mode(session_id, setup.mode, timeout=settings.session_timeout)
+                fields = {
+                    "server_id": server_id,
+                    "acp_requests": 2 + bool(setup.mode),
+                    "session_id": session_id,
+                    "mode": setup.mode,
+                }
         finally:
             client.close()
         return token, fields

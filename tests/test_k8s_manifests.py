@@ -23,7 +23,8 @@ K8S_VERSION = "1.30.0"
 SCALEDOBJECT_SCHEMA = json.loads((Path(__file__).parent / "schemas" / "keda-scaledobject.schema.json").read_text())
 
 Manifest = dict[str, Any]
-# Settings of the ops branch (metrics, heartbeat) that the manifests already use; Settings has them after the merge.
+
+
 def _manifests() -> list[Manifest]:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     return [doc for name in kustomization["resources"] for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]

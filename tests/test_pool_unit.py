@@ -8,16 +8,22 @@ import time
 from typing import Any
 
 import pytest
+from pydantic import SecretStr, ValidationError
 
 from providers.fake import FakeProvider, StandInDaemons
+from worker.agents import agent_setup
 from worker.config import PoolSettings, PoolTarget, Settings, get_settings
+from worker.credentials.agents import token_grant
 from worker.credentials.broker import CredentialBroker
 from worker.credentials.none import NoCredentials
+from worker.credentials.vault import Placeholders, new_placeholder, proxy_url
+from worker.environment import SessionEnvironment, daemon_environment
 from worker.limits import Limits, Semaphore
-from worker.models import ProviderName, SessionRequest, SessionState
+from worker.models import Agent, LLMProvider, ProviderName, SessionRequest, SessionState, Strategy
 from worker.pipeline import Pipeline
-from worker.pool import LABEL_POOL_ENTRY, Pools, pool_name
+from worker.pool import LABEL_POOL_ENTRY, PoolEntry, Pools, binds_as_is, pool_environment, pool_name
 from worker.reaper import Reaper
+from worker.secret_store import SecretStore
 from worker.store import Store
 
 pytest_plugins = ["tests.standins.fake_fixtures"]
@@ -228,3 +234,91 @@ def test_terminate_removes_a_warm_session_s_sandbox(store: Store, provider: Fake
 
     assert pipeline.teardown.terminate("term-1").state is SessionState.terminated
     assert result.sandbox_id not in provider.sandboxes
+
+
+# -- vault pools: which sessions use the pooled daemon as it is, and the placeholder's adoption ------------------
+VAULT_TARGET = PoolTarget.model_validate(
+    {"provider": "docker", "agent": "claude", "size": 1, "strategy": "vault", "llm_base_url": "https://llm.example"}
+)
+
+
+def _vault_settings() -> Settings:
+    settings = get_settings()
+    egress = settings.credentials.egress.model_copy(update={"public_url": "http://proxy.test:8089"})
+    return settings.model_copy(update={"credentials": settings.credentials.model_copy(update={"egress": egress})})
+
+
+def _vault_entry(env: dict[str, SecretStr | str]) -> PoolEntry:
+    return PoolEntry(
+        entry_id="e1",
+        pool=pool_name(VAULT_TARGET),
+        provider=DOCKER,
+        sandbox_id="s1",
+        labels={},
+        token="t",
+        strategy=Strategy("vault"),
+        env={k: v for k, v in env.items() if isinstance(v, str)},
+        secret_env=sorted(k for k, v in env.items() if not isinstance(v, str)),
+        placeholder="sealed",
+        created_at=0,
+        expires_at=0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "llm_base_url", "user_env", "cwd", "as_is"),
+    [
+        ("vault", "https://llm.example", {}, "/workspace", True),
+        ("vault", "https://other.example", {}, "/workspace", False),  # another LLM: another proxy URL
+        ("vault", "https://llm.example", {"TEAM": "blue"}, "/workspace", False),
+        ("vault", "https://llm.example", {}, "/workspace/app", False),
+        ("byok", "https://llm.example", {}, "/workspace", False),  # a key of the tenant's, not a placeholder
+    ],
+)
+def test_only_a_vault_session_like_the_pools_uses_its_daemon_as_it_is(
+    strategy: str, llm_base_url: str, user_env: dict[str, str], cwd: str, as_is: bool
+) -> None:
+    """The session's daemon environment must be the pool's but for the placeholder, from a strategy that adopts it."""
+    settings = _vault_settings()
+    pooled = pool_environment(VAULT_TARGET, settings)
+    assert pooled.placeholder is not None and pooled.env["ANTHROPIC_API_KEY"] == pooled.placeholder
+    entry = _vault_entry(pooled.env)
+    base_url = proxy_url("http://proxy.test:8089", llm_base_url)
+    grant = token_grant(Strategy(strategy), LLMProvider.anthropic, SecretStr("swph-session"), base_url=base_url)
+    request = SessionRequest.model_validate(
+        {"tenant_id": "acme", "agent": "claude", "provider": "docker", "session": {"cwd": cwd}}
+    )
+    setup = agent_setup(
+        Agent.claude,
+        LLMProvider.anthropic,
+        dict(grant.plain_env),
+        permissions=request.session.permissions,
+        llm_retries=settings.llm_retries,
+    )
+    session_env = SessionEnvironment(daemon_env=daemon_environment(grant, setup, user_env))
+    assert binds_as_is(request, setup, grant, session_env, entry) is as_is
+
+
+def test_a_pool_target_binds_only_the_vault_strategy() -> None:
+    with pytest.raises(ValidationError, match="only the vault strategy"):
+        PoolTarget.model_validate({"provider": "docker", "agent": "claude", "size": 1, "strategy": "byok"})
+
+
+def test_adopting_moves_the_binding_to_the_pooled_placeholder(store: Store) -> None:
+    """The session's binding, its expiry and the sandbox's address move to the pool's placeholder; the grant's own dies;
+    a request whose binding is gone adopts nothing (the pooled placeholder stays worthless)."""
+    placeholders = Placeholders(SecretStore.from_store(store))
+    request = SessionRequest.model_validate({"tenant_id": "acme", "agent": "claude", "provider": "docker"})
+    own = placeholders.bind(request, "llm", 600)
+    pooled = new_placeholder()
+    assert placeholders.lookup(pooled.get_secret_value()) is None
+
+    assert placeholders.adopt(request.request_id, pooled, "172.17.0.5")
+
+    binding = placeholders.lookup(pooled.get_secret_value())
+    assert binding is not None and (binding.tenant_id, binding.vault, binding.source) == ("acme", "llm", "172.17.0.5")
+    assert placeholders.lookup(own.get_secret_value()) is None
+    assert 590 < store.redis.ttl(f"sw:egress-request:{request.request_id}") <= 600
+    placeholders.release(request.request_id)
+    assert placeholders.lookup(pooled.get_secret_value()) is None
+    assert not placeholders.adopt(request.request_id, new_placeholder(), None)

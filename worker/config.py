@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import config_models
@@ -74,6 +74,24 @@ class PoolTarget(BaseModel):
     agent: Agent
     image: str | None = Field(None, description="The image, template or snapshot; the provider's default when unset.")
     size: int = Field(ge=0, le=200, description="Sandboxes kept ready.")
+    strategy: Strategy | None = Field(
+        None,
+        description="vault: the pool serves vault sessions with no daemon restart: its daemon runs pointed at the "
+        "egress proxy with a placeholder bound to no tenant until the claim binds it (worker/pool.py). Unset: a "
+        "session adding nothing to the empty pooled daemon (mock) uses it as is, any other replaces it.",
+    )
+    llm_base_url: str | None = Field(
+        None,
+        description="With strategy vault: the LLM endpoint the pool's agents reach through the egress proxy; a "
+        "session's LLM vault must have the same llm_base_url to bind as is. The engine's public API when unset.",
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _bindable(cls, strategy: Strategy | None) -> Strategy | None:
+        if strategy is not None and strategy.value != "vault":
+            raise ValueError("only the vault strategy binds a credential outside the sandbox (or leave it unset)")
+        return strategy
 
 
 class PoolSettings(BaseModel):

@@ -39,8 +39,14 @@ def check_user_env(request: SessionRequest) -> None:
             )
 
 
+def daemon_environment(
+    grant: CredentialGrant, agent: AgentSetup, user_env: dict[str, str] | None = None
+) -> dict[str, SecretStr | str]:
+    """The daemon's variables: the user's, then the agent's switches, then the credentials (which win)."""
+    return {**(user_env or {}), **agent.env, **grant.plain_env, **grant.env}
+
+
 def build_environment(request: SessionRequest, grant: CredentialGrant, agent: AgentSetup) -> SessionEnvironment:
     check_user_env(request)
     user_env = dict(request.sandbox.env)
-    daemon_env: dict[str, SecretStr | str] = {**user_env, **agent.env, **grant.plain_env, **grant.env}
-    return SessionEnvironment(sandbox_env=user_env, daemon_env=daemon_env)
+    return SessionEnvironment(sandbox_env=user_env, daemon_env=daemon_environment(grant, agent, user_env))

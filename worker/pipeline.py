@@ -125,7 +125,7 @@ class _Attempt:
     sandbox: Sandbox | None = None
     adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
     warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
-    warm_server: str | None = None  # the warm pool's initialized agent, when the session uses its daemon as it is
+    warm_as_is: bool = False  # the session uses the warm daemon, agent and session as they are (pool.binds_as_is)
     token: SecretStr | None = None
     grant: CredentialGrant | None = None
     agent: AgentSetup = field(default_factory=AgentSetup)
@@ -290,12 +290,15 @@ class Pipeline:
             raise Terminated("terminated while starting", stage=stage)
 
     @contextlib.contextmanager
-    def _stage(self, attempt: _Attempt, stage: StageName) -> Iterator[None]:
+    def _stage(self, attempt: _Attempt, stage: StageName, *, quiet: bool = False) -> Iterator[None]:
+        """Run one stage: checked against the lease and terminate requests, timed, and reported (the record written,
+        the progress hook called) unless ``quiet``: a stage of milliseconds whose outcome the next write carries."""
         self._checkpoint(attempt, stage)
         attempt.record.result.state = SessionState.starting
         attempt.record.result.stage = stage
-        self.store.put(attempt.record)
-        self.progress(stage, attempt.record.result)
+        if not quiet:
+            self.store.put(attempt.record)
+            self.progress(stage, attempt.record.result)
         started = time.perf_counter()
         try:
             yield
@@ -352,16 +355,16 @@ class Pipeline:
                 slots.enter_context(self.limits.tenant_slot(request, deadline, checkpoint))
                 provider, sandbox = self._acquire_sandbox(request, attempt, provider, environment, deadline, slots)
                 structlog.contextvars.bind_contextvars(provider=provider.name, sandbox_id=sandbox.sandbox_id)
-                if sandbox.private_address:  # before the daemon stage hands the credential to the sandbox
-                    self.credentials.bind(request, grant, sandbox.private_address)
+                grant = self._bind_credentials(request, attempt, sandbox, grant, environment)
 
-            with self._stage(attempt, "daemon"):
+            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write.
+            with self._stage(attempt, "daemon", quiet=attempt.warm_as_is):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
-            with self._stage(attempt, "session"):
+            with self._stage(attempt, "session", quiet=attempt.warm_as_is and not request.session.prompt):
                 self._open_session(request, attempt, client)
 
-        with self._stage(attempt, "ready"):
+        with self._stage(attempt, "ready", quiet=attempt.warm_as_is):
             record.result.state = SessionState.ready
             record.result.error = None
             record.result.ready_at = time.time()
@@ -479,7 +482,7 @@ class Pipeline:
     ) -> Sandbox | None:
         """A started sandbox from the request's warm pool, under the provider's bring-up cap; None (start cold) when
         the request has no pool or its pool had nothing alive to give."""
-        target = self.pools.target_for(request)
+        target = self.pools.target_for(request, attempt.grant.strategy if attempt.grant else None)
         if target is None:
             return None
         record = attempt.record
@@ -500,6 +503,32 @@ class Pipeline:
         )
         self.store.put(record)
         return claimed.sandbox
+
+    def _bind_credentials(
+        self,
+        request: SessionRequest,
+        attempt: _Attempt,
+        sandbox: Sandbox,
+        grant: CredentialGrant,
+        environment: SessionEnvironment,
+    ) -> CredentialGrant:
+        """Tie the grant to its sandbox before the daemon stage hands it over: to its private address where it has
+        one; and where the session uses a warm daemon as it is, the grant adopts the placeholder its agent already
+        holds (bound to nothing until now)."""
+        warm = attempt.warm
+        if warm is not None and binds_as_is(request, attempt.agent, grant, environment, warm.entry):
+            adopted = (
+                self.credentials.adopt(request, grant, warm.placeholder, sandbox.private_address)
+                if warm.placeholder is not None
+                else grant
+            )
+            if adopted is not None:
+                attempt.warm_as_is, attempt.grant = True, adopted
+                attempt.mask(adopted.secret_values())
+                return adopted
+        if sandbox.private_address:
+            self.credentials.bind(request, grant, sandbox.private_address)
+        return grant
 
     def _start_sandbox(
         self,
@@ -545,24 +574,24 @@ class Pipeline:
             # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
             # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
-        # A warm daemon runs with no tenant's anything: used as it is only when the session adds nothing to it.
-        as_is = warm is not None and binds_as_is(request, attempt.agent, grant, environment)
-        token = attempt.token = warm.token if warm is not None and as_is else daemon.new_token()
+        # A warm daemon runs with no tenant's anything: used as it is (its agent and session too) when the sandbox
+        # stage found it fit, otherwise replaced by the session's.
+        token = attempt.token = warm.token if warm is not None and attempt.warm_as_is else daemon.new_token()
         attempt.mask([token.get_secret_value()])
         record.daemon_token = self.store.cipher.encrypt(token)
-        self.store.put(record)
+        if not attempt.warm_as_is:  # kept before the daemon starts, for a redelivery to adopt the sandbox with it
+            self.store.put(record)
         if warm is None:
             self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
-        elif as_is:
-            attempt.warm_server = warm.entry.server_id  # its agent too, spawned and initialized when it was filled
-        else:  # its daemon and agent were checked and installed when it was filled
+        elif not attempt.warm_as_is:  # its daemon and agent were checked and installed when it was filled
             self._replace_warm_daemon(request, attempt, warm, grant, environment)
         endpoint = (
             warm.endpoint if warm is not None else retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         )
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
         try:
-            client.wait_healthy(settings.health_timeout, poll=WARM_HEALTH_POLL if warm is not None else None)
+            if not attempt.warm_as_is:  # a daemon used as it is answered the claim's health check moments ago
+                client.wait_healthy(settings.health_timeout, poll=WARM_HEALTH_POLL if warm is not None else None)
         except SandboxWorkerError as exc:
             tail = REDACTOR.redact(daemon.daemon_log_tail(provider, sandbox))
             if tail:
@@ -639,23 +668,26 @@ class Pipeline:
 
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record
-        server_id = attempt.warm_server or f"sw-{request.request_id}-{record.attempts}"
+        pooled = attempt.warm.entry if attempt.warm is not None and attempt.warm_as_is else None
+        server_id = (pooled and pooled.server_id) or f"sw-{request.request_id}-{record.attempts}"
         acp = attempt.acp = AcpConnection(
             client, server_id, request.agent.value, permissions=request.session.permissions
         )
-        if attempt.warm_server:
-            acp.attach()  # checked, spawned and initialized when the pool filled the sandbox
+        session_id = pooled.session_id if pooled is not None else None
+        if pooled is not None and pooled.server_id:
+            acp.attach(pooled.acp_requests)  # checked, spawned and initialized when the pool filled the sandbox
         else:
             # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
                 checked = background.submit(daemon.check_agent, client, request.agent.value)
                 acp.initialize(timeout=settings.session_timeout)
                 checked.result()
-        if attempt.agent.auth_method:
-            acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
-        session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
+        if session_id is None:
+            if attempt.agent.auth_method:
+                acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
+            session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
         mode = request.session.mode or attempt.agent.mode
-        if mode:
+        if mode and not (pooled is not None and pooled.mode == mode):
             acp.set_mode(session_id, mode, timeout=settings.session_timeout)
         if request.session.model:
             acp.set_model(session_id, request.session.model, timeout=settings.session_timeout)

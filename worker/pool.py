@@ -7,12 +7,20 @@ pool. Any worker claims (:meth:`Pools.claim`) with one Lua script: ``ZPOPMAX`` o
 so an entry goes to exactly one request, however many claim at once.
 
 **Late binding.** A pooled sandbox holds nothing of any tenant: it is started with the owner and pool labels only,
-no sandbox env, and its daemon runs with an empty environment from ``/workspace``. The daemon's token is made at
-fill time, kept Fernet-encrypted in the entry and handed to the one request that claims it. Everything
-tenant-specific is bound at the claim, in the pipeline's daemon stage (:func:`binds_as_is`): the daemon is
-restarted with the session's environment (credentials, user env, agent switches), its files and cwd (~35 ms), and
-the session stage sets model and mode as for a cold start. Only a session that adds nothing to the pool's daemon
-(no variables, no files, the pool's cwd: the mock agent with the ``none`` strategy) uses the daemon as it is.
+no sandbox env, and its daemon runs from ``/workspace`` with the pool's environment (:func:`pool_environment`):
+empty, or for a ``strategy: vault`` target the agent's switches, the egress proxy's URL for the target's
+``llm_base_url`` and a placeholder bound to no tenant (the proxy refuses it). The daemon's token (and placeholder)
+are made at fill time, kept Fernet-encrypted in the entry and handed to the one request that claims it. Where the
+agent allows it is spawned, ACP-initialized and given a session in ``/workspace`` at fill time too.
+
+Everything tenant-specific is bound at the claim (:func:`binds_as_is`). A session whose daemon environment would
+be the pool's but for the placeholder's value (same variables, same non-secret values, no files, the pool's cwd)
+uses the daemon, agent and session as they are: the mock agent with strategy ``none``, and a vault session whose
+LLM vault has the pool's ``llm_base_url``, whose grant then adopts the entry's placeholder (bound in Redis to the
+tenant's vault and the sandbox's address: :meth:`worker.credentials.vault.VaultStrategy.adopt`). Any other
+session restarts the daemon with its own environment (credentials, user env, agent switches), files and cwd
+(~35 ms), and its agent is spawned after the claim. Either way the session stage sets the model, and the mode
+unless the pooled session already has it (a vault pool sets the headless mode at fill time).
 
 Entries are recycled unclaimed after ``max_age_seconds`` and never reused: a claimed sandbox belongs to its request
 and goes with it (terminate, compensation, the reaper). Pooled sandboxes hold a slot of their provider's sandbox
@@ -38,6 +46,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import structlog
@@ -46,13 +55,15 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, Endpoint, Provider, Sandbox, SandboxSpec
 from worker import daemon, metrics
 from worker.acp import AcpConnection
-from worker.agents import AgentSetup
+from worker.agents import AgentSetup, agent_setup
 from worker.config import PoolTarget, Settings
-from worker.credentials.agents import llm_provider_for
+from worker.credentials.agents import llm_provider_for, token_grant
 from worker.credentials.base import CredentialGrant
-from worker.environment import SessionEnvironment
+from worker.credentials.vault import DEFAULT_LLM_BASE_URLS, Engine, new_placeholder, proxy_url
+from worker.environment import SessionEnvironment, daemon_environment
+from worker.errors import ConfigurationError
 from worker.limits import Limits
-from worker.models import ProviderName, SessionRequest
+from worker.models import LLMProvider, PermissionPolicy, ProviderName, SessionRequest, Strategy
 from worker.store import Store
 
 log = structlog.get_logger(__name__)
@@ -62,24 +73,27 @@ LABEL_POOL_ENTRY = "sandbox-worker-pool-entry"
 POOL_CWD = "/workspace"  # the pooled daemon's working directory (the request's default cwd)
 
 # KEYS: ready, entries, claimed. ARGV: request id. The newest ready entry (the least likely to be near its max age),
-# taken out and noted as claimed in one step: returns its JSON, or false when the pool is empty.
+# taken out and noted as claimed in one step: returns [its JSON, or nil when the pool is empty; the entries left].
 _CLAIM = """
 local popped = redis.call('ZPOPMAX', KEYS[1])
-if #popped == 0 then return false end
+if #popped == 0 then return {false, 0} end
 local id = popped[1]
 local entry = redis.call('HGET', KEYS[2], id)
 redis.call('HDEL', KEYS[2], id)
 local note = {request_id = ARGV[1], at = tonumber(redis.call('TIME')[1])}
 if entry then note.sandbox_id = cjson.decode(entry).sandbox_id end
 redis.call('HSET', KEYS[3], id, cjson.encode(note))
-return entry or false
+return {entry or false, redis.call('ZCARD', KEYS[1])}
 """
 
 
 def pool_name(target: PoolTarget) -> str:
     """A label-safe name for the pool of ``target`` ([A-Za-z0-9_-], as E2B metadata requires)."""
     image = hashlib.sha256((target.image or "").encode()).hexdigest()[:10]
-    return f"{target.provider.value}-{target.agent.value}-{image}"
+    if target.strategy is None:
+        return f"{target.provider.value}-{target.agent.value}-{image}"
+    binding = hashlib.sha256(f"{target.image or ''} {target.llm_base_url or ''}".encode()).hexdigest()[:10]
+    return f"{target.provider.value}-{target.agent.value}-{target.strategy.value}-{binding}"
 
 
 def slot_holder(entry_id: str) -> str:
@@ -98,12 +112,20 @@ class PoolEntry(BaseModel):
     sandbox_id: str
     labels: dict[str, str]
     token: str  # Fernet ciphertext of the daemon's token
-    server_id: str | None = None  # an ACP server whose agent is spawned and initialized (agents without an LLM)
+    private_address: str | None = None  # the sandbox's (Docker): a vault placeholder is bound to it at the claim
+    strategy: Strategy | None = None  # the strategy whose grant may adopt the placeholder (the target's)
+    env: dict[str, str] = {}  # the pooled daemon's non-secret variables
+    secret_env: list[str] = []  # the names of its secret variables, each holding the placeholder
+    placeholder: str | None = None  # Fernet ciphertext of the placeholder, bound to nothing until the claim
+    server_id: str | None = None  # an ACP server whose agent is spawned and initialized
+    acp_requests: int = 1  # the requests the filler sent on that server (before sessions were pooled: 1)
+    session_id: str | None = None  # an ACP session it created there, in POOL_CWD
+    mode: str | None = None  # the mode set on that session
     created_at: float
     expires_at: float  # the sandbox's hard lifetime
 
     def sandbox(self) -> Sandbox:
-        return Sandbox(self.provider.value, self.sandbox_id, self.labels)
+        return Sandbox(self.provider.value, self.sandbox_id, self.labels, private_address=self.private_address)
 
     def __repr__(self) -> str:
         return f"PoolEntry({self.pool!r}, {self.entry_id!r}, sandbox_id={self.sandbox_id!r})"
@@ -117,13 +139,67 @@ class Claimed:
     sandbox: Sandbox
     endpoint: Endpoint
     token: SecretStr
+    placeholder: SecretStr | None
     seconds: float
 
 
-def binds_as_is(request: SessionRequest, agent: AgentSetup, grant: CredentialGrant, env: SessionEnvironment) -> bool:
-    """Whether a warm daemon already runs as this session needs: the session adds no variable (no credential,
-    no user env, no agent switch), no file and no other cwd. Otherwise the daemon is restarted with them."""
-    return not env.daemon_env and not agent.files and not grant.files and request.session.cwd == POOL_CWD
+def binds_as_is(
+    request: SessionRequest, agent: AgentSetup, grant: CredentialGrant, env: SessionEnvironment, entry: PoolEntry
+) -> bool:
+    """Whether a warm daemon already runs as this session needs: the same variables with the same non-secret values
+    (the secret ones are the grant's, which adopts the entry's placeholder: same strategy), no file, the pool's cwd.
+    Otherwise the daemon is restarted with the session's."""
+    plain = {name: value for name, value in env.daemon_env.items() if isinstance(value, str)}
+    secret = sorted(name for name, value in env.daemon_env.items() if not isinstance(value, str))
+    if secret and (entry.placeholder is None or grant.strategy != entry.strategy):
+        return False
+    return (
+        plain == entry.env
+        and secret == entry.secret_env
+        and not agent.files
+        and not grant.files
+        and request.session.cwd == POOL_CWD
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSetup:
+    """What a pooled daemon and its agent start with: no tenant's anything."""
+
+    env: dict[str, SecretStr | str]
+    placeholder: SecretStr | None = None  # the value of the secret variables, bound to nothing
+    mode: str | None = None  # the ACP session mode set on the pooled session (a headless session's)
+
+
+def pool_environment(target: PoolTarget, settings: Settings) -> PoolSetup:
+    """Nothing for a target without a strategy; for a vault target what a vault session's grant and agent setup give
+    it (the egress proxy's URL for the target's LLM, the agent's switches and headless mode), with a fresh placeholder
+    bound to nothing as its key."""
+    if target.strategy is None:
+        return PoolSetup({})
+    provider = llm_provider_for(target.agent, None)
+    public_url = settings.credentials.egress.public_url
+    if provider is None or not public_url:
+        raise ConfigurationError(
+            f"pool target {target.agent.value}/{target.strategy.value} needs an agent with an LLM and "
+            "credentials.egress.public_url"
+        )
+    engine = Engine.claude if provider is LLMProvider.anthropic else Engine.codex
+    base_url = proxy_url(public_url, target.llm_base_url or DEFAULT_LLM_BASE_URLS[engine])
+    placeholder = new_placeholder()
+    grant = token_grant(target.strategy, provider, placeholder, base_url=base_url)
+    setup = agent_setup(
+        target.agent,
+        provider,
+        dict(grant.plain_env),
+        permissions=PermissionPolicy.approve,
+        llm_retries=settings.llm_retries,
+    )
+    if setup.files or setup.auth_method:  # a session would rewrite them: it could never use the daemon as is
+        raise ConfigurationError(
+            f"agent {target.agent.value} takes config files or an ACP authenticate: pool it without a strategy"
+        )
+    return PoolSetup(daemon_environment(grant, setup), placeholder, setup.mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +232,10 @@ class Pools:
         self._claim = self.redis.register_script(_CLAIM)
 
     # -- claiming ------------------------------------------------------------------------------------------
-    def target_for(self, request: SessionRequest) -> PoolTarget | None:
-        """The pool that may serve ``request``: same provider, agent and image, and nothing a started sandbox can
-        no longer take (its own labels, cpu or memory, a ttl longer than the pool's sandboxes live)."""
+    def target_for(self, request: SessionRequest, strategy: Strategy | None = None) -> PoolTarget | None:
+        """The pool that may serve ``request`` (whose grant is of ``strategy``): same provider, agent and image, and
+        nothing a started sandbox can no longer take (its own labels, cpu or memory, a ttl longer than the pool's
+        sandboxes live); of those, the one serving ``strategy`` first."""
         box = request.sandbox
         if (
             box.labels
@@ -167,10 +244,13 @@ class Pools:
             or box.ttl_seconds > self.config.session_ttl_seconds
         ):
             return None
-        for target in self.config.targets:
-            if (target.provider, target.agent, target.image) == (request.provider, request.agent, box.image):
-                return target if target.size > 0 else None
-        return None
+        fits = [
+            target
+            for target in self.config.targets
+            if (target.provider, target.agent, target.image) == (request.provider, request.agent, box.image)
+            and target.size > 0
+        ]
+        return min(fits, key=lambda target: target.strategy != strategy, default=None)
 
     def claim(self, request: SessionRequest, target: PoolTarget, provider: Provider) -> Claimed | None:
         """Take a ready sandbox of ``target``'s pool for ``request``; None (start cold) when the pool is empty or
@@ -179,7 +259,8 @@ class Pools:
         keys = _Keys.of(name)
         started = time.perf_counter()
         try:
-            raw = self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=[request.request_id])
+            raw, left = self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=[request.request_id])
+            metrics.POOL_SIZE.labels(name).set(left)
             miss = "empty"
             if raw:
                 entry = PoolEntry.model_validate_json(raw)
@@ -200,20 +281,22 @@ class Pools:
             return None
         finally:
             metrics.POOL_CLAIM_SECONDS.labels(name).observe(time.perf_counter() - started)
-            metrics.POOL_SIZE.labels(name).set(self.redis.zcard(keys.ready))
 
-    def _check(self, entry: PoolEntry, provider: Provider) -> tuple[tuple[Sandbox, Endpoint, SecretStr] | None, str]:
-        """The entry's sandbox and token when it may be handed out, else why not."""
+    def _check(
+        self, entry: PoolEntry, provider: Provider
+    ) -> tuple[tuple[Sandbox, Endpoint, SecretStr, SecretStr | None] | None, str]:
+        """The entry's sandbox, token and placeholder when it may be handed out, else why not."""
         if time.time() - entry.created_at > self.config.max_age_seconds:
             return None, "expired"
         sandbox, token = entry.sandbox(), self.store.cipher.decrypt(entry.token)
+        placeholder = self.store.cipher.decrypt(entry.placeholder) if entry.placeholder else None
         try:
             endpoint = provider.endpoint(sandbox, self.settings.daemon_port)
         except Exception:  # gone, or the provider cannot say: either way not worth a session
             return None, "dead"
         client = daemon.DaemonClient(endpoint, token, timeout=5)
         try:
-            return ((sandbox, endpoint, token), "") if client.health() else (None, "dead")
+            return ((sandbox, endpoint, token, placeholder), "") if client.health() else (None, "dead")
         finally:
             client.close()
 
@@ -261,7 +344,7 @@ class Pools:
         removed = 0
         for target in self.config.targets:
             keys = _Keys.of(pool_name(target))
-            while raw := self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=["drain"]):
+            while (raw := self._claim(keys=[keys.ready, keys.entries, keys.claimed], args=["drain"])[0]) is not None:
                 self.discard(PoolEntry.model_validate_json(raw))
                 removed += 1
         return removed
@@ -314,7 +397,8 @@ class Pools:
                 idempotency_key=f"pool-{entry_id}",
             )
             sandbox = provider.start(spec)
-            token, server_id = self._start_daemon(target, provider, sandbox, entry_id)
+            setup = pool_environment(target, settings)
+            token, agent = self._start_daemon(target, provider, sandbox, entry_id, setup)
             entry = PoolEntry(
                 entry_id=entry_id,
                 pool=name,
@@ -322,7 +406,12 @@ class Pools:
                 sandbox_id=sandbox.sandbox_id,
                 labels=dict(sandbox.labels),
                 token=self.store.cipher.encrypt(token),
-                server_id=server_id,
+                private_address=sandbox.private_address,
+                strategy=target.strategy,
+                env={k: v for k, v in setup.env.items() if isinstance(v, str)},
+                secret_env=sorted(k for k, v in setup.env.items() if not isinstance(v, str)),
+                placeholder=self.store.cipher.encrypt(setup.placeholder) if setup.placeholder else None,
+                **agent,
                 created_at=now,
                 expires_at=expires,
             )
@@ -345,28 +434,39 @@ class Pools:
         return 1
 
     def _start_daemon(
-        self, target: PoolTarget, provider: Provider, sandbox: Sandbox, entry_id: str
-    ) -> tuple[SecretStr, str | None]:
-        """The daemon of a pooled sandbox: checked, its agent installed, started with no tenant's anything, healthy.
-        An agent that takes no LLM credential (mock) is also spawned and ACP-initialized, on a server handed to the
-        session with the daemon; any other would need its session's environment, so it is spawned after the claim."""
+        self, target: PoolTarget, provider: Provider, sandbox: Sandbox, entry_id: str, setup: PoolSetup
+    ) -> tuple[SecretStr, dict[str, Any]]:
+        """The daemon of a pooled sandbox: checked, its agent installed, started with the pool's environment (no
+        tenant's anything), healthy. Its agent is spawned, ACP-initialized and given a session in POOL_CWD when the
+        session can use it as is: an agent that takes no LLM credential (mock), or one whose credential is the
+        pool's placeholder; any other needs its session's environment, so it is spawned after the claim. Returns
+        the token and the entry's agent fields."""
         settings, agent = self.settings, target.agent.value
         daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
         daemon.install_agent(provider, sandbox, agent, settings.daemon_install)
         token = daemon.new_token()
-        daemon.start_daemon(provider, sandbox, token=token, port=settings.daemon_port, cwd=POOL_CWD, env={})
+        daemon.start_daemon(provider, sandbox, token=token, port=settings.daemon_port, cwd=POOL_CWD, env=setup.env)
         client = daemon.DaemonClient(provider.endpoint(sandbox, settings.daemon_port), token)
-        server_id = None
+        fields: dict[str, Any] = {}
         try:
             client.wait_healthy(settings.health_timeout)
             daemon.check_agent(client, agent)
-            if llm_provider_for(target.agent, None) is None:
+            if llm_provider_for(target.agent, None) is None or target.strategy is not None:
                 server_id = f"sw-pool-{entry_id}"
                 with AcpConnection(client, server_id, agent) as acp:
                     acp.initialize(timeout=settings.session_timeout)
+                    session_id = acp.new_session(POOL_CWD, timeout=settings.session_timeout)
+                    if setup.mode:
+                        acp.set_mode(session_id, setup.mode, timeout=settings.session_timeout)
+                fields = {
+                    "server_id": server_id,
+                    "acp_requests": 2 + bool(setup.mode),
+                    "session_id": session_id,
+                    "mode": setup.mode,
+                }
         finally:
             client.close()
-        return token, server_id
+        return token, fields
 
     # -- what the reaper asks ------------------------------------------------------------------------------
     def claimed_by(self, sandbox: Sandbox) -> str | None:

@@ -90,6 +90,13 @@ class CredentialStrategy(Protocol):
         where the strategy can (the vault's placeholder)."""
         ...
 
+    def adopt(
+        self, request: SessionRequest, grant: CredentialGrant, placeholder: SecretStr, source: str | None
+    ) -> CredentialGrant | None:
+        """``grant`` with ``placeholder`` (already in a warm sandbox, bound to nothing) as its credential, bound to
+        this request in place of the grant's own; None where the strategy cannot (the caller rebinds instead)."""
+        ...
+
     def release(self, request: SessionRequest) -> None:
         """Undo what ``grant`` created for this request. Idempotent."""
         ...
@@ -114,6 +121,12 @@ class RegisteredStrategy(ABC):
 
     def bind(self, request: SessionRequest, source: str) -> None:
         """Restrict the grant to the sandbox at ``source`` where the strategy can; most hand out a key as is."""
+        return None
+
+    def adopt(
+        self, request: SessionRequest, grant: CredentialGrant, placeholder: SecretStr, source: str | None
+    ) -> CredentialGrant | None:
+        """Take a warm sandbox's unbound placeholder as this grant's credential; only a proxied credential can."""
         return None
 
     @abstractmethod

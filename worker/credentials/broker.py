@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from pydantic import SecretStr
+
 from worker.credentials import REGISTRY, strategy_class
 from worker.credentials.base import CredentialGrant, CredentialStrategy
 from worker.credentials.gateway import gateway_keys
@@ -78,6 +80,14 @@ class CredentialBroker:
         """The sandbox ``grant`` went to is at ``source``: the granting strategy may tie its credential to it."""
         if (strategy := self.strategies.get(grant.strategy)) is not None:
             strategy.bind(request, source)
+
+    def adopt(
+        self, request: SessionRequest, grant: CredentialGrant, placeholder: SecretStr, source: str | None
+    ) -> CredentialGrant | None:
+        """``grant`` rebound to a warm sandbox's placeholder by its strategy (tied to ``source`` when given), or None
+        when that strategy cannot."""
+        strategy = self.strategies.get(grant.strategy)
+        return strategy.adopt(request, grant, placeholder, source) if strategy is not None else None
 
     def release(self, request: SessionRequest) -> None:
         """Release what any strategy holds for this request: releases are keyed by request and idempotent, so a

@@ -16,6 +16,12 @@ bearer token for an endpoint of the right kind. Then:
 * release deletes the binding: the placeholder is dead from then on (terminate, compensation, and the
   reaper when the sandbox of a ready session vanishes).
 
+**Warm pools** (:mod:`worker.pool`, a target with ``strategy: vault``) start their agents with a placeholder made
+by :func:`new_placeholder` and bound to nothing: the proxy refuses it (403, unknown) until a claim adopts it
+(:meth:`VaultStrategy.adopt`): the session's binding (tenant, vault, expiry, the sandbox's address) moves to that
+placeholder in one transaction, and the one the grant made, which no sandbox ever saw, dies. From then on it is the
+session's placeholder like any other: released at terminate, with its sandbox, or when its binding expires.
+
 Redis never holds a placeholder, only its SHA-256; the real credential exists only sealed in the vault.
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit
@@ -210,6 +217,17 @@ def _digest(placeholder: str) -> str:
     return hashlib.sha256(placeholder.encode()).hexdigest()
 
 
+def new_placeholder() -> SecretStr:
+    """A fresh random placeholder, bound to nothing: worthless until :meth:`Placeholders.bind` or ``adopt``."""
+    return SecretStr(PLACEHOLDER_PREFIX + secrets.token_urlsafe(32))
+
+
+def proxy_url(public_url: str, llm_base_url: str) -> str:
+    """The base URL a sandbox gets for ``llm_base_url``: the proxy, then the LLM host and path it may reach."""
+    parts = urlsplit(llm_base_url)
+    return f"{public_url.rstrip('/')}/{parts.netloc}{parts.path.rstrip('/')}"
+
+
 class Placeholders:
     """Per-session placeholders: random, bound at grant, deleted at release, expiring with the session."""
 
@@ -218,14 +236,39 @@ class Placeholders:
 
     def bind(self, request: SessionRequest, vault: str, ttl_seconds: int) -> SecretStr:
         self.release(request.request_id)  # a retried grant replaces the previous attempt's placeholder
-        placeholder = PLACEHOLDER_PREFIX + secrets.token_urlsafe(32)
-        digest = _digest(placeholder)
+        placeholder = new_placeholder()
+        digest = _digest(placeholder.get_secret_value())
         binding = Binding(request_id=request.request_id, tenant_id=request.tenant_id, vault=vault)
         pipe = self.redis.pipeline()
         pipe.set(f"{PREFIX}egress:{digest}", binding.model_dump_json(), ex=ttl_seconds)
         pipe.set(f"{PREFIX}egress-request:{request.request_id}", digest, ex=ttl_seconds)
         pipe.execute()
-        return SecretStr(placeholder)
+        return placeholder
+
+    def adopt(self, request_id: str, placeholder: SecretStr, source: str | None) -> bool:
+        """Move the request's binding (and its expiry) to ``placeholder`` (a warm pool's, bound to nothing so far),
+        accepted from ``source`` only when given; the request's previous placeholder dies in the same transaction.
+        False when the request has no live binding (released meanwhile: the placeholder stays worthless)."""
+        request_key = f"{PREFIX}egress-request:{request_id}"
+        old = self.redis.get(request_key)
+        if not old:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(f"{PREFIX}egress:{old!s}")
+        pipe.pttl(f"{PREFIX}egress:{old!s}")
+        raw, ttl = pipe.execute()
+        if not raw or ttl <= 0:
+            return False
+        binding = Binding.model_validate_json(raw)
+        if source is not None:
+            binding = binding.model_copy(update={"source": source})
+        digest = _digest(placeholder.get_secret_value())
+        pipe = self.redis.pipeline()  # MULTI: the new binding live and the old one dead in one step
+        pipe.set(f"{PREFIX}egress:{digest}", binding.model_dump_json(), px=ttl)
+        pipe.set(request_key, digest, px=ttl)
+        pipe.delete(f"{PREFIX}egress:{old!s}")
+        pipe.execute()
+        return True
 
     def bind_source(self, request_id: str, source: str) -> None:
         """Accept the request's placeholder from ``source`` only (its sandbox's address); its expiry is kept."""
@@ -310,8 +353,7 @@ class VaultStrategy(RegisteredStrategy):
 
     def proxy_url(self, vault: Vault) -> str:
         """The base URL the sandbox gets: the proxy, then the LLM host and path it may reach through it."""
-        parts = urlsplit(vault.llm_base_url)
-        return f"{self.public_url}/{parts.netloc}{parts.path.rstrip('/')}"
+        return proxy_url(self.public_url, vault.llm_base_url)
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
         vault = self.llm_vault(request)
@@ -324,6 +366,15 @@ class VaultStrategy(RegisteredStrategy):
         accepts the placeholder from there only, unless ``egress.bind_to_source`` is off."""
         if self.egress.bind_to_source:
             self.placeholders.bind_source(request.request_id, source)
+
+    def adopt(
+        self, request: SessionRequest, grant: CredentialGrant, placeholder: SecretStr, source: str | None
+    ) -> CredentialGrant | None:
+        """The grant with a warm pool's placeholder (already in the sandbox's agent) in place of the one it made: the
+        session's binding moves to it, tied to ``source`` (as :meth:`bind` would) when ``egress.bind_to_source``."""
+        if not self.placeholders.adopt(request.request_id, placeholder, source if self.egress.bind_to_source else None):
+            return None
+        return replace(grant, env=dict.fromkeys(grant.env, placeholder))
 
     def release(self, request: SessionRequest) -> None:
         self.placeholders.release(request.request_id)

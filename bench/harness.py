@@ -141,7 +141,7 @@ class Bench:
         self.owner = f"sw-bench-{uuid.uuid4().hex[:8]}"
         self.key = f"sk-bench-not-a-real-key-{uuid.uuid4().hex[:8]}"
         self._resources = contextlib.ExitStack()
-        self._workdir = Path(os.environ.get("TMPDIR", "/tmp")) / self.owner
+        self.workdir = Path(os.environ.get("TMPDIR", "/tmp")) / self.owner
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
@@ -154,7 +154,7 @@ class Bench:
     # -- the parts ------------------------------------------------------------------------------------------
     @functools.cached_property
     def redis(self) -> RedisServer:
-        server = RedisServer(self._workdir, port=free_port())
+        server = RedisServer(self.workdir, port=free_port())
         server.start()
         self._resources.callback(server.stop)
         return server
@@ -218,7 +218,7 @@ class Bench:
     @contextlib.contextmanager
     def worker(self, concurrency: int = 1, **env: str) -> Iterator[None]:
         """A real Celery worker process serving Docker (as `make demo` starts one), stopped afterwards."""
-        log = self._workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        log = self.workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_WORKER_")}
         environ |= self.env() | env | {"PYTHONPATH": str(ROOT)}

@@ -14,19 +14,25 @@ import json
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import SecretStr
 
 from bench.harness import ROOT, Bench, Row
 from providers.fake import FakeProvider
+from tests.standins.credentials import CredentialStack, bridge_address
+from tests.standins.llm_api import LLMApi
 from worker import pins
 from worker.credentials.broker import build_broker
+from worker.credentials.vault import Vault, VaultCredential, VaultStore
 from worker.limits import Semaphore
 from worker.models import SessionState
 from worker.pipeline import Pipeline
+from worker.secret_store import SecretStore
 from worker.store import Store
 
 Scenario = Callable[[Bench], Row]
@@ -95,19 +101,32 @@ def cold_codex(bench: Bench) -> Row:
 POOL_SIZE = 2
 
 
-def _warm(bench: Bench, agent: str, name: str, binding: str, **session: Any) -> Row:
-    """Warm claims of ``agent`` through the queue: claim -> ready, the late binding ``binding`` describes."""
+def _warm(
+    bench: Bench,
+    agent: str,
+    name: str,
+    binding: str,
+    *,
+    target: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    request: dict[str, Any] | None = None,
+    **session: Any,
+) -> Row:
+    """Warm claims of ``agent`` through the queue: claim -> ready, the late binding ``binding`` describes; ``target``
+    adds to the pool's target, ``env`` to the worker's, ``request`` to each request."""
     row = Row(name, f"warm pool claim -> ready, agent {agent}: {binding}")
-    pool = {
-        "SANDBOX_WORKER_POOL__TARGETS": json.dumps([{"provider": "docker", "agent": agent, "size": POOL_SIZE}]),
+    pool = {"provider": "docker", "agent": agent, "size": POOL_SIZE, **(target or {})}
+    worker_env = {
+        **(env or {}),
+        "SANDBOX_WORKER_POOL__TARGETS": json.dumps([pool]),
         "SANDBOX_WORKER_POOL__REFILL_INTERVAL_SECONDS": "0.5",
     }
 
     def once(timed: bool) -> None:
         bench.wait_for_pools(POOL_SIZE)
-        bench.bring_up(row, bench.request(agent, **session), timed=timed, from_claim=True)
+        bench.bring_up(row, bench.request(agent, **session) | (request or {}), timed=timed, from_claim=True)
 
-    with bench.worker(concurrency=1, **pool):
+    with bench.worker(concurrency=1, **worker_env):
         return _timed_runs(bench, row, once)
 
 
@@ -121,6 +140,41 @@ def warm_mock_env(bench: Bench) -> Row:
 
 def warm_claude(bench: Bench) -> Row:
     return _warm(bench, "claude", "warm-claude", "shared key: the daemon replaced with the session's environment")
+
+
+def warm_claude_vault(bench: Bench) -> Row:
+    """Claude Code for vault sessions: the pooled agent runs against the egress proxy with a placeholder bound to no
+    tenant and its session made; the claim binds the placeholder to the tenant's vault (tests/standins/credentials.py
+    runs the proxy and the vault's stand-in LLM API)."""
+    stack = CredentialStack(
+        base_env=bench.env(),
+        workdir=bench.workdir / "vault",
+        bridge=bridge_address(bench.docker),
+        image=pins.SANDBOX_IMAGE,
+        vault_api=LLMApi(),  # type: ignore[arg-type]
+    ).start()
+    try:
+        if stack.worker is not None:
+            stack.worker.stop()  # the bench's own worker, with the pool, serves
+        tenant = f"bench-vault-{uuid.uuid4().hex[:6]}"
+        metadata = {"role": "llm", "engine": "claude", "llm_base_url": stack.urls["vault_api"]}
+        vault = Vault(
+            name="anthropic",
+            metadata=metadata,
+            credentials=[VaultCredential(name="key", token=SecretStr(stack.values["vault"]))],
+        )
+        VaultStore(SecretStore.from_store(bench.client.store)).create(tenant, vault)
+        return _warm(
+            bench,
+            "claude",
+            "warm-claude-vault",
+            "vault: the pooled placeholder bound to the tenant's vault at claim, no restart, session made at fill",
+            target={"strategy": "vault", "llm_base_url": stack.urls["vault_api"]},
+            env=stack.env,
+            request={"tenant_id": tenant, "credentials": {"strategy": "vault", "vaults": ["anthropic"]}},
+        )
+    finally:
+        stack.stop()
 
 
 def warm_codex(bench: Bench) -> Row:
@@ -235,6 +289,7 @@ SCENARIOS: dict[str, Scenario] = {
     "warm-mock": warm_mock,
     "warm-mock-cwd": warm_mock_env,
     "warm-claude": warm_claude,
+    "warm-claude-vault": warm_claude_vault,
     "warm-codex": warm_codex,
     "burst": burst,
     "ceiling": ceiling,

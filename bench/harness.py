@@ -31,9 +31,10 @@ from tests.standins.llm_api import LLMApiStandIn
 from tests.standins.server import free_port
 from worker import pins
 from worker.client import SessionClient
-from worker.config import Settings
+from worker.config import PoolTarget, Settings
 from worker.fleet import STAGES
 from worker.models import SessionResult, SessionState
+from worker.pool import pool_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
@@ -269,14 +270,13 @@ class Bench:
                 container.remove(force=True)
         return len(containers)
 
-    def wait_for_pools(self, size: int, timeout: float = 300.0) -> None:
-        """Until the warm pools hold ``size`` ready sandboxes (a claim then is warm, not a cold fallback)."""
+    def wait_for_pool(self, target: dict[str, Any], timeout: float = 300.0) -> None:
+        """Until the warm pool of ``target`` holds its size of ready sandboxes (a claim then is warm, not a cold
+        fallback); other scenarios' pools in this Redis do not count."""
+        pool = PoolTarget.model_validate(target)
+        key = f"sw:pool:{{{pool_name(pool)}}}:ready"
         redis = self.client.store.redis
-
-        def full() -> bool:
-            return sum(int(redis.zcard(key)) for key in redis.scan_iter("sw:pool:*:ready")) >= size
-
-        wait_for(full, timeout, interval=0.05, what=f"{size} warm sandboxes")
+        wait_for(lambda: int(redis.zcard(key)) >= pool.size, timeout, interval=0.05, what=f"{pool.size} warm sandboxes")
 
     def running_sandboxes(self) -> int:
         return len(self.docker.containers.list(filters={"label": f"{LABEL_OWNER}={self.owner}"}))

@@ -123,7 +123,7 @@ def _warm(
     }
 
     def once(timed: bool) -> None:
-        bench.wait_for_pools(POOL_SIZE)
+        bench.wait_for_pool(pool)
         bench.bring_up(row, bench.request(agent, **session) | (request or {}), timed=timed, from_claim=True)
 
     with bench.worker(concurrency=1, **worker_env):

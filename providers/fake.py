@@ -34,8 +34,6 @@ from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandb
 from worker import pins
 from worker.errors import SandboxGone
 
-_FRONT_TOKEN_ENV = "SANDBOX_WORKER_DAEMON_TOKEN"  # noqa: S105 - worker.daemon.FRONT_TOKEN_ENV, a variable name
-
 
 class FakeConfig(ProviderConfig):
     """Nothing to configure."""
@@ -114,17 +112,21 @@ class StandInDaemons:
         self.files.setdefault(request.path_params["sandbox"], {})[request.query_params["path"]] = data
         return JSONResponse({"path": request.query_params["path"], "bytesWritten": len(data)})
 
+    def start(self, sandbox_id: str, env: Mapping[str, str]) -> None:
+        """A daemon started with ``env``: its front's token (``SW_FRONT_TOKEN``, see worker.daemon) replaces the
+        running daemon's; a command without one starts nothing."""
+        env = dict(env)
+        if token := env.pop("SW_FRONT_TOKEN", None):
+            env.pop("SW_FRONT", None)
+            self.tokens[sandbox_id], self.env[sandbox_id] = token, env
+
     async def _run(self, request: Request) -> Response:
         """A command run by the daemon: one that starts a new front (its token in ``SW_FRONT_TOKEN``) replaces this
         daemon, as worker.daemon.replace_daemon does in a sandbox."""
         if not self._authorised(request):
             return JSONResponse({"type": "urn:sandbox-agent:error:token_invalid"}, status_code=401)
         body = await request.json()
-        env = dict(body.get("env") or {})
-        if token := env.pop("SW_FRONT_TOKEN", None):
-            env.pop("SW_FRONT", None)
-            sandbox = request.path_params["sandbox"]
-            self.tokens[sandbox], self.env[sandbox] = token, env
+        self.start(request.path_params["sandbox"], body.get("env") or {})
         return JSONResponse({"exitCode": 0, "timedOut": False, "stdout": "", "stderr": ""})
 
     async def _acp(self, request: Request) -> Response:
@@ -222,7 +224,7 @@ class FakeProvider(Provider):
     ) -> ExecResult:
         self._call("exec")
         self._live(sandbox.sandbox_id)
-        if argv[-1:] == ["--version"]:
+        if argv[-1:] == ["--version"] or (argv[:2] == ["sh", "-c"] and "--version" in argv[2]):  # no daemon front
             return ExecResult(0, f"sandbox-agent {pins.SANDBOX_AGENT_VERSION}\n", "")
         if argv[:2] == ["sh", "-c"] and any(arg.endswith("/sandbox-agent") for arg in argv[3:]):  # stop the daemon
             self.daemons.tokens.pop(sandbox.sandbox_id, None)
@@ -231,11 +233,7 @@ class FakeProvider(Provider):
     def spawn(self, sandbox: Sandbox, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
         self._call("spawn")
         self._live(sandbox.sandbox_id)
-        # worker.daemon starts the daemon, then its front, which alone holds the token (in FRONT_TOKEN_ENV).
-        if _FRONT_TOKEN_ENV in env:
-            self.daemons.tokens[sandbox.sandbox_id] = env[_FRONT_TOKEN_ENV]
-        else:
-            self.daemons.env[sandbox.sandbox_id] = dict(env)
+        self.daemons.start(sandbox.sandbox_id, env)
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         self._call("upload")

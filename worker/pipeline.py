@@ -617,7 +617,11 @@ class Pipeline:
         daemon of the wrong version fails here all the same."""
         settings, retry = self.settings, self.retries.in_stage
         assert attempt.token is not None
-        retry(lambda: daemon.put_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
+        served_by = attempt.record.result.provider or request.provider
+        image = failover.image_for(request, served_by)
+        retry(
+            lambda: daemon.put_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary, image=image)
+        )
         start = functools.partial(
             daemon.start_daemon,
             provider,
@@ -628,10 +632,8 @@ class Pipeline:
             env=environment.daemon_env,
         )
         retry(start)
-        served_by = attempt.record.result.provider or request.provider
-        image = f"{served_by.value}:{failover.image_for(request, served_by) or '(default)'}"
-        preinstalled = settings.daemon_install is InstallMode.preinstalled
-        retry(lambda: daemon.check_daemon(provider, sandbox, image=image if preinstalled else None))
+        if settings.daemon_install is InstallMode.upload:
+            retry(lambda: daemon.check_daemon(provider, sandbox))
         retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
         for path, content in self._session_files(attempt, grant).items():
             retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))

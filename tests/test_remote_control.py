@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import docker
@@ -19,13 +20,22 @@ pytestmark = pytest.mark.integration
 def test_remote_control_is_off_unless_enabled(
     enabled: bool, worker_factory: Any, docker_client: docker.DockerClient
 ) -> None:
-    """A shutdown broadcast from a client stops a worker only when the operator enabled remote control."""
+    """A shutdown broadcast from a client stops a worker only when the operator enabled remote control. Broadcasts
+    are Redis pub/sub, lost when sent before the worker subscribes: the test broadcasts every second, after the worker
+    has served a task."""
     env = {"SANDBOX_WORKER_REMOTE_CONTROL": "true"} if enabled else {}
     worker = worker_factory(env=env, providers="docker")
     app = create_app(get_settings())
-    app.control.broadcast("shutdown")
+    assert send_status("no-such-request", app=app).get(timeout=30) is None  # it serves tasks
+
+    def stopped_after_a_broadcast() -> bool:
+        app.control.broadcast("shutdown")
+        return worker.process.poll() is not None
+
     if enabled:
-        wait_for(lambda: worker.process.poll() is not None, 30, 0.1, "the worker to obey the shutdown")
+        wait_for(stopped_after_a_broadcast, 30, 1.0, "the worker to obey the shutdown")
         return
+    for _ in range(5):
+        assert not stopped_after_a_broadcast()
+        time.sleep(1.0)
     assert send_status("no-such-request", app=app).get(timeout=30) is None  # it still serves tasks
-    assert worker.process is not None and worker.process.poll() is None

@@ -40,7 +40,7 @@ from providers.base import (
 )
 from worker import daemon, failover, metrics
 from worker.acp import AcpConnection
-from worker.agents import HOME, AgentSetup, agent_setup
+from worker.agents import HOME, AgentSetup, agent_setup, gateway_auth
 from worker.breaker import Breaker
 from worker.config import Settings
 from worker.credentials.agents import llm_provider_for
@@ -685,7 +685,14 @@ class Pipeline:
                 acp.initialize(timeout=settings.session_timeout)
                 checked.result()
         if session_id is None:
-            if attempt.agent.auth_method:
+            if pooled is not None and pooled.binding is not None:
+                # The credential binds over ACP (pool.binds_as_is checked that it can): its values were masked at the
+                # credentials stage, and the request carrying them is not logged.
+                assert attempt.grant is not None
+                auth = gateway_auth(attempt.grant)
+                assert auth is not None
+                acp.authenticate_gateway(auth.base_url, auth.headers, timeout=settings.session_timeout)
+            elif attempt.agent.auth_method:
                 acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
             session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
         mode = request.session.mode or attempt.agent.mode

@@ -286,6 +286,11 @@ def test_only_a_vault_session_like_the_pools_uses_its_daemon_as_it_is(
     entry = _vault_entry(pooled.env)
     base_url = proxy_url("http://proxy.test:8089", llm_base_url)
     grant = token_grant(Strategy(strategy), LLMProvider.anthropic, SecretStr("swph-session"), base_url=base_url)
+    assert _binds_as_is(grant, user_env, cwd, entry) is as_is
+
+
+def _binds_as_is(grant: CredentialGrant, user_env: dict[str, str], cwd: str, entry: PoolEntry) -> bool:
+    """Whether a Claude Code session in ``cwd`` with ``grant`` and ``user_env`` uses ``entry``'s daemon as it is."""
     request = SessionRequest.model_validate(
         {"tenant_id": "acme", "agent": "claude", "provider": "docker", "session": {"cwd": cwd}}
     )
@@ -294,10 +299,10 @@ def test_only_a_vault_session_like_the_pools_uses_its_daemon_as_it_is(
         LLMProvider.anthropic,
         dict(grant.plain_env),
         permissions=request.session.permissions,
-        llm_retries=settings.llm_retries,
+        llm_retries=get_settings().llm_retries,
     )
     session_env = SessionEnvironment(daemon_env=daemon_environment(grant, setup, user_env))
-    assert binds_as_is(request, setup, grant, session_env, entry) is as_is
+    return binds_as_is(request, setup, grant, session_env, entry)
 
 
 def test_a_pool_target_binds_only_the_vault_strategy() -> None:
@@ -388,18 +393,7 @@ def test_a_session_like_an_acp_gateway_pools_but_for_its_key_uses_its_daemon_as_
     grant = token_grant(
         Strategy(strategy), LLMProvider.anthropic, SecretStr("sk-tenant"), auth=auth, base_url="https://llm.example"
     )
-    request = SessionRequest.model_validate(
-        {"tenant_id": "acme", "agent": "claude", "provider": "docker", "session": {"cwd": cwd}}
-    )
-    setup = agent_setup(
-        Agent.claude,
-        LLMProvider.anthropic,
-        dict(grant.plain_env),
-        permissions=request.session.permissions,
-        llm_retries=get_settings().llm_retries,
-    )
-    session_env = SessionEnvironment(daemon_env=daemon_environment(grant, setup, user_env))
-    assert binds_as_is(request, setup, grant, session_env, _gateway_entry()) is as_is
+    assert _binds_as_is(grant, user_env, cwd, _gateway_entry()) is as_is
 
 
 def test_a_key_session_prefers_the_acp_gateway_pool_and_a_vault_session_the_vault_pool(store: Store) -> None:

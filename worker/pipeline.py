@@ -357,11 +357,14 @@ class Pipeline:
                 structlog.contextvars.bind_contextvars(provider=provider.name, sandbox_id=sandbox.sandbox_id)
                 grant = self._bind_credentials(request, attempt, sandbox, grant, environment)
 
-            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write.
+            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write
+            # (not a session to make at the claim: an acp-gateway pool's).
             with self._stage(attempt, "daemon", quiet=attempt.warm_as_is):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
-            with self._stage(attempt, "session", quiet=attempt.warm_as_is and not request.session.prompt):
+            pooled = attempt.warm.entry if attempt.warm is not None and attempt.warm_as_is else None
+            made = pooled is not None and pooled.session_id is not None
+            with self._stage(attempt, "session", quiet=made and not request.session.prompt):
                 self._open_session(request, attempt, client)
 
         with self._stage(attempt, "ready", quiet=attempt.warm_as_is):

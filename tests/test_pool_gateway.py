@@ -20,6 +20,7 @@ from tests.test_no_leaks import hits, redis_dump
 from tests.test_pool_vault import _holds, _processes
 from worker import pins, runtime
 from worker.config import get_settings
+from worker.daemon import DAEMON_LOG
 from worker.limits import Limits
 from worker.models import SessionState
 from worker.pool import PoolEntry, Pools, pool_name
@@ -121,8 +122,10 @@ def test_warm_claude_sessions_bind_their_own_keys_over_acp(
         [cid] = [cid for cid in containers if cid.startswith(str(result.sandbox_id))]
         assert _processes(containers[cid], "sandbox-agent server", "claude-agent-acp") >= running[cid]
         assert result.server_id and result.server_id.startswith("sw-pool-") and result.session_id
-    # No key in the results, the records, the logs.
+    # No key in the results, the records, the logs (the worker's, and the daemon's, which the worker reads on failure).
     keys = {"byok": byok_key, **{f"minted_{i}": key for i, key in enumerate(minted)}}
+    daemon_logs = "".join(c.exec_run(["cat", DAEMON_LOG]).output.decode(errors="replace") for c in containers.values())
+    assert hits(keys, daemon_logs) == []
     assert hits(keys, one.model_dump_json() + two.model_dump_json()) == []
     assert hits(keys, redis_dump(runtime.store().redis)) == []
     assert hits(keys, "".join(capfd.readouterr())) == []
@@ -132,3 +135,27 @@ def test_warm_claude_sessions_bind_their_own_keys_over_acp(
 
 def _entries(pools: Pools) -> str:
     return f"sw:pool:{{{pool_name(pools.config.targets[0])}}}:entries"
+
+
+def test_a_key_session_that_does_not_fit_the_pool_replaces_its_daemon(
+    stack: CredentialStack, monkeypatch: pytest.MonkeyPatch, docker_client: docker.DockerClient
+) -> None:
+    """User env: the pooled daemon is replaced by one with the session's environment, key included, as before."""
+    pools = _configure(stack, monkeypatch)
+    api = stack.provider_api
+    assert isinstance(api, LLMApi)
+    api.accepted, key = None, f"sk-ant-byok-{uuid.uuid4().hex}"
+    pools.refill()
+    request = stack.request("claude", {"strategy": "byok", "secret_ref": "anthropic"}, prompt="say hi")
+    request["sandbox"]["env"] = {"TEAM": "blue"}
+    stack.secret_store().put(request["tenant_id"], "anthropic", SecretStr(key))
+    api.clear()
+
+    result = runtime.pipeline().create(request)
+
+    assert result.state is SessionState.ready and result.warm and result.reply, result.error
+    assert result.server_id and not result.server_id.startswith("sw-pool-")  # its own agent, spawned after the claim
+    assert {(c.credential, c.scheme) for c in api.model_requests()} == {(key, "x-api-key")}
+    assert key.encode() in _environ(docker_client.containers.get(str(result.sandbox_id)))
+    runtime.teardown().terminate(request["request_id"])
+    pools.drain()

@@ -36,7 +36,7 @@ unit:
 # RUNS timed sessions per scenario, BURST sessions at once, SCENARIOS to pick some; bounded by BENCH_SECONDS.
 RUNS ?= 10
 BURST ?= 100
-SCENARIOS ?= baseline,cold-mock,warm-mock,warm-mock-cwd,cold-claude,warm-claude,warm-claude-vault,cold-codex,warm-codex,burst,ceiling
+SCENARIOS ?= baseline,cold-mock,warm-mock,warm-mock-cwd,cold-claude,warm-claude,warm-claude-restart,warm-claude-vault,cold-codex,warm-codex,burst,ceiling
 BENCH_SECONDS ?= 600
 bench: setup
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m bench --runs $(RUNS) --burst $(BURST) --scenarios $(SCENARIOS) \

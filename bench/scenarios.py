@@ -139,7 +139,22 @@ def warm_mock_env(bench: Bench) -> Row:
 
 
 def warm_claude(bench: Bench) -> Row:
-    return _warm(bench, "claude", "warm-claude", "shared key: the daemon replaced with the session's environment")
+    """Claude Code for sessions with a key in env (here the shared key): the pooled agent runs with no key,
+    initialized with the gateway auth capability; the claim sends the key with ACP authenticate, then session/new."""
+    return _warm(
+        bench,
+        "claude",
+        "warm-claude",
+        "shared key over ACP: authenticate (gateway) + session/new on the pooled agent, no restart",
+        target={"binding": "acp-gateway"},
+    )
+
+
+def warm_claude_restart(bench: Bench) -> Row:
+    """The same sessions from a target without a binding: what they cost before binding over ACP."""
+    return _warm(
+        bench, "claude", "warm-claude-restart", "shared key: the daemon replaced with the session's environment"
+    )
 
 
 def warm_claude_vault(bench: Bench) -> Row:
@@ -289,6 +304,7 @@ SCENARIOS: dict[str, Scenario] = {
     "warm-mock": warm_mock,
     "warm-mock-cwd": warm_mock_env,
     "warm-claude": warm_claude,
+    "warm-claude-restart": warm_claude_restart,
     "warm-claude-vault": warm_claude_vault,
     "warm-codex": warm_codex,
     "burst": burst,

@@ -11,9 +11,10 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from providers.fake import FakeProvider, StandInDaemons
-from worker.agents import agent_setup
+from worker.agents import agent_setup, gateway_auth
 from worker.config import PoolSettings, PoolTarget, Settings, get_settings
-from worker.credentials.agents import token_grant
+from worker.credentials.agents import CREDENTIAL_VARIABLES, KeyAuth, token_grant
+from worker.credentials.base import CredentialGrant
 from worker.credentials.broker import CredentialBroker
 from worker.credentials.none import NoCredentials
 from worker.credentials.vault import Placeholders, new_placeholder, proxy_url
@@ -285,6 +286,11 @@ def test_only_a_vault_session_like_the_pools_uses_its_daemon_as_it_is(
     entry = _vault_entry(pooled.env)
     base_url = proxy_url("http://proxy.test:8089", llm_base_url)
     grant = token_grant(Strategy(strategy), LLMProvider.anthropic, SecretStr("swph-session"), base_url=base_url)
+    assert _binds_as_is(grant, user_env, cwd, entry) is as_is
+
+
+def _binds_as_is(grant: CredentialGrant, user_env: dict[str, str], cwd: str, entry: PoolEntry) -> bool:
+    """Whether a Claude Code session in ``cwd`` with ``grant`` and ``user_env`` uses ``entry``'s daemon as it is."""
     request = SessionRequest.model_validate(
         {"tenant_id": "acme", "agent": "claude", "provider": "docker", "session": {"cwd": cwd}}
     )
@@ -293,15 +299,110 @@ def test_only_a_vault_session_like_the_pools_uses_its_daemon_as_it_is(
         LLMProvider.anthropic,
         dict(grant.plain_env),
         permissions=request.session.permissions,
-        llm_retries=settings.llm_retries,
+        llm_retries=get_settings().llm_retries,
     )
     session_env = SessionEnvironment(daemon_env=daemon_environment(grant, setup, user_env))
-    assert binds_as_is(request, setup, grant, session_env, entry) is as_is
+    return binds_as_is(request, setup, grant, session_env, entry)
 
 
 def test_a_pool_target_binds_only_the_vault_strategy() -> None:
     with pytest.raises(ValidationError, match="only the vault strategy"):
         PoolTarget.model_validate({"provider": "docker", "agent": "claude", "size": 1, "strategy": "byok"})
+
+
+GATEWAY_TARGET = PoolTarget.model_validate(
+    {"provider": "docker", "agent": "claude", "size": 1, "binding": "acp-gateway"}
+)
+
+
+def _gateway_entry() -> PoolEntry:
+    pooled = pool_environment(GATEWAY_TARGET, get_settings())
+    return PoolEntry(
+        entry_id="e1",
+        pool=pool_name(GATEWAY_TARGET),
+        provider=DOCKER,
+        sandbox_id="s1",
+        labels={},
+        token="t",
+        env={k: v for k, v in pooled.env.items() if isinstance(v, str)},
+        server_id="sw-pool-e1",
+        binding="acp-gateway",
+        created_at=0,
+        expires_at=0,
+    )
+
+
+def test_an_acp_gateway_pool_starts_claude_with_its_switches_and_no_key() -> None:
+    pooled = pool_environment(GATEWAY_TARGET, get_settings())
+    assert pooled.placeholder is None and all(isinstance(value, str) for value in pooled.env.values())
+    assert pooled.env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert not set(pooled.env) & (CREDENTIAL_VARIABLES | {"ANTHROPIC_AUTH_TOKEN"})
+    assert pool_name(GATEWAY_TARGET) != pool_name(GATEWAY_TARGET.model_copy(update={"binding": None}))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"agent": "mock", "binding": "acp-gateway"},
+        {"agent": "claude", "binding": "acp-gateway", "strategy": "vault"},
+        {"agent": "claude", "binding": "restart"},
+    ],
+)
+def test_an_acp_gateway_binding_is_claude_codes_without_a_strategy(target: dict[str, str]) -> None:
+    with pytest.raises(ValidationError):
+        PoolTarget.model_validate({"provider": "docker", "size": 1, **target})
+
+
+@pytest.mark.parametrize(
+    ("auth", "base_url", "header", "value"),
+    [
+        (KeyAuth.api_key, None, "x-api-key", "sk-tenant"),
+        (KeyAuth.bearer, "https://gateway.example/api", "Authorization", "Bearer sk-tenant"),
+    ],
+)
+def test_a_key_or_bearer_grant_becomes_the_headers_claude_code_would_send(
+    auth: KeyAuth, base_url: str | None, header: str, value: str
+) -> None:
+    grant = token_grant(Strategy("shared"), LLMProvider.anthropic, SecretStr("sk-tenant"), auth=auth, base_url=base_url)
+    found = gateway_auth(grant)
+    assert found is not None
+    assert found.base_url == (base_url or "https://api.anthropic.com")
+    assert {name: secret.get_secret_value() for name, secret in found.headers.items()} == {header: value}
+    assert "sk-tenant" not in repr(found)
+
+
+def test_an_oauth_token_or_a_credentials_file_does_not_bind_over_acp() -> None:
+    oauth = token_grant(Strategy("subscription"), LLMProvider.anthropic, SecretStr("sk-ant-oat"), auth=KeyAuth.oauth)
+    files = CredentialGrant(Strategy("subscription"), files={".claude/x.json": SecretStr("{}")})
+    assert gateway_auth(oauth) is None and gateway_auth(files) is None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "auth", "user_env", "cwd", "as_is"),
+    [
+        ("shared", KeyAuth.api_key, {}, "/workspace", True),
+        ("gateway", KeyAuth.bearer, {}, "/workspace", True),
+        ("subscription", KeyAuth.oauth, {}, "/workspace", False),  # an OAuth token stays in env
+        ("shared", KeyAuth.api_key, {"TEAM": "blue"}, "/workspace", False),
+        ("shared", KeyAuth.api_key, {}, "/tmp", False),
+    ],
+)
+def test_a_session_like_an_acp_gateway_pools_but_for_its_key_uses_its_daemon_as_it_is(
+    strategy: str, auth: KeyAuth, user_env: dict[str, str], cwd: str, as_is: bool
+) -> None:
+    grant = token_grant(
+        Strategy(strategy), LLMProvider.anthropic, SecretStr("sk-tenant"), auth=auth, base_url="https://llm.example"
+    )
+    assert _binds_as_is(grant, user_env, cwd, _gateway_entry()) is as_is
+
+
+def test_a_key_session_prefers_the_acp_gateway_pool_and_a_vault_session_the_vault_pool(store: Store) -> None:
+    plain = GATEWAY_TARGET.model_copy(update={"binding": None})
+    settings = get_settings().model_copy(update={"pool": PoolSettings(targets=[plain, VAULT_TARGET, GATEWAY_TARGET])})
+    pools = Pools(settings, store, lambda _name: FakeProvider(), Limits(store.redis, settings.fleet, 30))
+    request = SessionRequest.model_validate({"tenant_id": "acme", "agent": "claude", "provider": "docker"})
+    assert pools.target_for(request, Strategy("shared")) == GATEWAY_TARGET
+    assert pools.target_for(request, Strategy("vault")) == VAULT_TARGET
 
 
 def test_adopting_moves_the_binding_to_the_pooled_placeholder(store: Store) -> None:

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from pydantic import SecretStr
+
 from worker.credentials.agents import BASE_URL_VARIABLES
+from worker.credentials.base import CredentialGrant
 from worker.models import Agent, LLMProvider, PermissionPolicy
 
 HOME = "/root"  # the sandbox user's HOME: config files go under it
@@ -123,3 +126,41 @@ def agent_setup(
             files={".config/opencode/opencode.json": _opencode_config(provider, base_url)},
         )
     return AgentSetup()
+
+
+# The header Claude Code presents each credential variable of an Anthropic grant in (name, value prefix). Not
+# CLAUDE_CODE_OAUTH_TOKEN: Claude Code sends a subscription's OAuth token with its own beta header and account checks,
+# which a gateway header would skip, so such a grant keeps the token in env.
+_GATEWAY_HEADERS: dict[str, tuple[str, str]] = {
+    "ANTHROPIC_API_KEY": ("x-api-key", ""),
+    "CLAUDE_API_KEY": ("x-api-key", ""),
+    "ANTHROPIC_AUTH_TOKEN": ("Authorization", "Bearer "),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAuth:
+    """A Claude Code session's credential given over ACP (``authenticate``, method gateway) instead of in env: the
+    endpoint and the headers its model requests carry."""
+
+    base_url: str
+    headers: dict[str, SecretStr]
+
+    def __repr__(self) -> str:
+        return f"GatewayAuth(base_url={self.base_url!r}, headers={sorted(self.headers)!r})"
+
+
+def gateway_auth(grant: CredentialGrant) -> GatewayAuth | None:
+    """``grant`` as Claude Code's gateway auth, the headers it would have sent from env; None when the grant holds
+    anything else (files, an OAuth token, another variable)."""
+    base_url_variable = BASE_URL_VARIABLES[LLMProvider.anthropic]
+    if grant.files or not grant.env or set(grant.plain_env) - {base_url_variable}:
+        return None
+    headers: dict[str, SecretStr] = {}
+    for name, value in grant.env.items():
+        if name not in _GATEWAY_HEADERS:
+            return None
+        header, prefix = _GATEWAY_HEADERS[name]
+        headers[header] = SecretStr(prefix + value.get_secret_value())
+    base_url = grant.plain_env.get(base_url_variable, DEFAULT_BASE_URLS[LLMProvider.anthropic])
+    return GatewayAuth(base_url, headers)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import config_models
@@ -65,6 +65,9 @@ class CredentialsSettings(SettingsBlock):
         return block
 
 
+PoolBinding = Literal["acp-gateway"]  # how a pool target's sessions bind a credential, besides its strategy
+
+
 class PoolTarget(BaseModel):
     """One warm pool: sandboxes of ``provider`` started from ``image`` with a healthy daemon, for ``agent``."""
 
@@ -78,7 +81,15 @@ class PoolTarget(BaseModel):
         None,
         description="vault: the pool serves vault sessions with no daemon restart: its daemon runs pointed at the "
         "egress proxy with a placeholder bound to no tenant until the claim binds it (worker/pool.py). Unset: a "
-        "session adding nothing to the empty pooled daemon (mock) uses it as is, any other replaces it.",
+        "session adding nothing to the empty pooled daemon (mock) uses it as is, any other replaces it (or see "
+        "binding).",
+    )
+    binding: PoolBinding | None = Field(
+        None,
+        description="acp-gateway (agent claude, no strategy): the pooled Claude Code runs with no key, ACP-initialized "
+        "with the gateway auth capability; a session whose grant is an API key or bearer token in env (shared, "
+        "byok, gateway, a subscription's API key) binds it at the claim with ACP authenticate (method gateway), "
+        "then session/new, with no daemon restart (worker/pool.py).",
     )
     llm_base_url: str | None = Field(
         None,
@@ -92,6 +103,12 @@ class PoolTarget(BaseModel):
         if strategy is not None and strategy.value != "vault":
             raise ValueError("only the vault strategy binds a credential outside the sandbox (or leave it unset)")
         return strategy
+
+    @model_validator(mode="after")
+    def _gateway_binding(self) -> PoolTarget:
+        if self.binding is not None and (self.agent is not Agent.claude or self.strategy is not None):
+            raise ValueError("binding acp-gateway is Claude Code's (agent claude) and takes no strategy")
+        return self
 
 
 class PoolSettings(BaseModel):

@@ -40,7 +40,7 @@ from providers.base import (
 )
 from worker import daemon, failover, metrics
 from worker.acp import AcpConnection
-from worker.agents import HOME, AgentSetup, agent_setup
+from worker.agents import HOME, AgentSetup, agent_setup, gateway_auth
 from worker.breaker import Breaker
 from worker.config import Settings
 from worker.credentials.agents import llm_provider_for
@@ -357,11 +357,14 @@ class Pipeline:
                 structlog.contextvars.bind_contextvars(provider=provider.name, sandbox_id=sandbox.sandbox_id)
                 grant = self._bind_credentials(request, attempt, sandbox, grant, environment)
 
-            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write.
+            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write
+            # (not a session to make at the claim: an acp-gateway pool's).
             with self._stage(attempt, "daemon", quiet=attempt.warm_as_is):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
-            with self._stage(attempt, "session", quiet=attempt.warm_as_is and not request.session.prompt):
+            pooled = attempt.warm.entry if attempt.warm is not None and attempt.warm_as_is else None
+            made = pooled is not None and pooled.session_id is not None
+            with self._stage(attempt, "session", quiet=made and not request.session.prompt):
                 self._open_session(request, attempt, client)
 
         with self._stage(attempt, "ready", quiet=attempt.warm_as_is):
@@ -685,7 +688,14 @@ class Pipeline:
                 acp.initialize(timeout=settings.session_timeout)
                 checked.result()
         if session_id is None:
-            if attempt.agent.auth_method:
+            if pooled is not None and pooled.binding is not None:
+                # The credential binds over ACP (pool.binds_as_is checked that it can): its values were masked at the
+                # credentials stage, and the request carrying them is not logged.
+                assert attempt.grant is not None
+                auth = gateway_auth(attempt.grant)
+                assert auth is not None
+                acp.authenticate_gateway(auth.base_url, auth.headers, timeout=settings.session_timeout)
+            elif attempt.agent.auth_method:
                 acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
             session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
         mode = request.session.mode or attempt.agent.mode

@@ -13,14 +13,22 @@ empty, or for a ``strategy: vault`` target the agent's switches, the egress prox
 are made at fill time, kept Fernet-encrypted in the entry and handed to the one request that claims it. Where the
 agent allows it is spawned, ACP-initialized and given a session in ``/workspace`` at fill time too.
 
+A ``binding: acp-gateway`` target (Claude Code) pools an agent started with the agent's switches only, no key, and
+ACP-initialized with the gateway auth capability, but no session: Claude Code applies gateway auth to the sessions
+created after ``authenticate`` only (a session made before it fails its prompt with "Authentication required"), and
+its session is the costly part (a Claude Code process: ~1.6 s).
+
 Everything tenant-specific is bound at the claim (:func:`binds_as_is`). A session whose daemon environment would
 be the pool's but for the placeholder's value (same variables, same non-secret values, no files, the pool's cwd)
 uses the daemon, agent and session as they are: the mock agent with strategy ``none``, and a vault session whose
 LLM vault has the pool's ``llm_base_url``, whose grant then adopts the entry's placeholder (bound in Redis to the
-tenant's vault and the sandbox's address: :meth:`worker.credentials.vault.VaultStrategy.adopt`). Any other
-session restarts the daemon with its own environment (credentials, user env, agent switches), files and cwd
-(~35 ms), and its agent is spawned after the claim. Either way the session stage sets the model, and the mode
-unless the pooled session already has it (a vault pool sets the headless mode at fill time).
+tenant's vault and the sandbox's address: :meth:`worker.credentials.vault.VaultStrategy.adopt`). On an acp-gateway
+entry, a session whose environment is the pool's plus a grant of an API key or bearer token
+(:func:`worker.agents.gateway_auth`) uses daemon and agent as they are: the session stage sends the credential
+with ``authenticate``, then makes the session. Any other session restarts the daemon with its own environment
+(credentials, user env, agent switches), files and cwd (~35 ms), and its agent is spawned after the claim. Either
+way the session stage sets the model, and the mode unless the pooled session already has it (a vault pool sets the
+headless mode at fill time).
 
 Entries are recycled unclaimed after ``max_age_seconds`` and never reused: a claimed sandbox belongs to its request
 and goes with it (terminate, compensation, the reaper). Pooled sandboxes hold a slot of their provider's sandbox
@@ -54,14 +62,14 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, Endpoint, Provider, Sandbox, SandboxSpec
 from worker import daemon, metrics
-from worker.acp import AcpConnection
-from worker.agents import AgentSetup, agent_setup
-from worker.config import PoolTarget, Settings
+from worker.acp import GATEWAY_AUTH, AcpConnection
+from worker.agents import AgentSetup, agent_setup, gateway_auth
+from worker.config import PoolBinding, PoolTarget, Settings
 from worker.credentials.agents import llm_provider_for, token_grant
 from worker.credentials.base import CredentialGrant
 from worker.credentials.vault import DEFAULT_LLM_BASE_URLS, Engine, new_placeholder, proxy_url
 from worker.environment import SessionEnvironment, daemon_environment
-from worker.errors import ConfigurationError
+from worker.errors import AgentError, ConfigurationError
 from worker.limits import Limits
 from worker.models import LLMProvider, PermissionPolicy, ProviderName, SessionRequest, Strategy
 from worker.store import Store
@@ -90,6 +98,8 @@ return {entry or false, redis.call('ZCARD', KEYS[1])}
 def pool_name(target: PoolTarget) -> str:
     """A label-safe name for the pool of ``target`` ([A-Za-z0-9_-], as E2B metadata requires)."""
     image = hashlib.sha256((target.image or "").encode()).hexdigest()[:10]
+    if target.binding is not None:
+        return f"{target.provider.value}-{target.agent.value}-{target.binding}-{image}"
     if target.strategy is None:
         return f"{target.provider.value}-{target.agent.value}-{image}"
     binding = hashlib.sha256(f"{target.image or ''} {target.llm_base_url or ''}".encode()).hexdigest()[:10]
@@ -114,6 +124,9 @@ class PoolEntry(BaseModel):
     token: str  # Fernet ciphertext of the daemon's token
     private_address: str | None = None  # the sandbox's (Docker): a vault placeholder is bound to it at the claim
     strategy: Strategy | None = None  # the strategy whose grant may adopt the placeholder (the target's)
+    binding: PoolBinding | None = (
+        None  # the target's: "acp-gateway", its agent waits for authenticate and has no session
+    )
     env: dict[str, str] = {}  # the pooled daemon's non-secret variables
     secret_env: list[str] = []  # the names of its secret variables, each holding the placeholder
     placeholder: str | None = None  # Fernet ciphertext of the placeholder, bound to nothing until the claim
@@ -147,10 +160,16 @@ def binds_as_is(
     request: SessionRequest, agent: AgentSetup, grant: CredentialGrant, env: SessionEnvironment, entry: PoolEntry
 ) -> bool:
     """Whether a warm daemon already runs as this session needs: the same variables with the same non-secret values
-    (the secret ones are the grant's, which adopts the entry's placeholder: same strategy), no file, the pool's cwd.
-    Otherwise the daemon is restarted with the session's."""
-    plain = {name: value for name, value in env.daemon_env.items() if isinstance(value, str)}
-    secret = sorted(name for name, value in env.daemon_env.items() if not isinstance(value, str))
+    (the secret ones are the grant's, which adopts the entry's placeholder: same strategy; on an acp-gateway entry,
+    the grant's variables aside, which go over ACP), no file, the pool's cwd. Otherwise the daemon is restarted
+    with the session's."""
+    daemon_env = env.daemon_env
+    if entry.binding is not None:  # the grant goes over ACP: the rest must be the pool's
+        if gateway_auth(grant) is None:
+            return False
+        daemon_env = {k: v for k, v in daemon_env.items() if k not in grant.env and k not in grant.plain_env}
+    plain = {name: value for name, value in daemon_env.items() if isinstance(value, str)}
+    secret = sorted(name for name, value in daemon_env.items() if not isinstance(value, str))
     if secret and (entry.placeholder is None or grant.strategy != entry.strategy):
         return False
     return (
@@ -172,12 +191,17 @@ class PoolSetup:
 
 
 def pool_environment(target: PoolTarget, settings: Settings) -> PoolSetup:
-    """Nothing for a target without a strategy; for a vault target what a vault session's grant and agent setup give
+    """Nothing for a target without a strategy; for an acp-gateway target the agent's switches; for a vault target what a vault session's grant and agent setup give
     it (the egress proxy's URL for the target's LLM, the agent's switches and headless mode), with a fresh placeholder
     bound to nothing as its key."""
+    provider = llm_provider_for(target.agent, None)
+    if target.binding is not None and provider is not None:  # the agent's switches, no key: it comes over ACP
+        setup = agent_setup(
+            target.agent, provider, {}, permissions=PermissionPolicy.approve, llm_retries=settings.llm_retries
+        )
+        return PoolSetup(dict(setup.env))
     if target.strategy is None:
         return PoolSetup({})
-    provider = llm_provider_for(target.agent, None)
     public_url = settings.credentials.egress.public_url
     if provider is None or not public_url:
         raise ConfigurationError(
@@ -235,7 +259,7 @@ class Pools:
     def target_for(self, request: SessionRequest, strategy: Strategy | None = None) -> PoolTarget | None:
         """The pool that may serve ``request`` (whose grant is of ``strategy``): same provider, agent and image, and
         nothing a started sandbox can no longer take (its own labels, cpu or memory, a ttl longer than the pool's
-        sandboxes live); of those, the one serving ``strategy`` first."""
+        sandboxes live); of those, the one serving ``strategy`` first, then one binding a key over ACP."""
         box = request.sandbox
         if (
             box.labels
@@ -250,7 +274,7 @@ class Pools:
             if (target.provider, target.agent, target.image) == (request.provider, request.agent, box.image)
             and target.size > 0
         ]
-        return min(fits, key=lambda target: target.strategy != strategy, default=None)
+        return min(fits, key=lambda target: (target.strategy != strategy, target.binding is None), default=None)
 
     def claim(self, request: SessionRequest, target: PoolTarget, provider: Provider) -> Claimed | None:
         """Take a ready sandbox of ``target``'s pool for ``request``; None (start cold) when the pool is empty or
@@ -439,8 +463,9 @@ class Pools:
         """The daemon of a pooled sandbox: checked, its agent installed, started with the pool's environment (no
         tenant's anything), healthy. Its agent is spawned, ACP-initialized and given a session in POOL_CWD when the
         session can use it as is: an agent that takes no LLM credential (mock), or one whose credential is the
-        pool's placeholder; any other needs its session's environment, so it is spawned after the claim. Returns
-        the token and the entry's agent fields."""
+        pool's placeholder; for an acp-gateway target it is spawned and initialized with the gateway capability,
+        its session made after the claim's authenticate; any other needs its session's environment, so it is
+        spawned after the claim. Returns the token and the entry's agent fields."""
         settings, agent = self.settings, target.agent.value
         daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary, image=target.image)
         daemon.install_agent(provider, sandbox, agent, settings.daemon_install)
@@ -451,8 +476,14 @@ class Pools:
         try:
             client.wait_healthy(settings.health_timeout)
             daemon.check_agent(client, agent)
-            if llm_provider_for(target.agent, None) is None or target.strategy is not None:
-                server_id = f"sw-pool-{entry_id}"
+            server_id = f"sw-pool-{entry_id}"
+            if target.binding is not None:
+                with AcpConnection(client, server_id, agent) as acp:
+                    offered = acp.initialize(timeout=settings.session_timeout, gateway=True).get("authMethods") or []
+                if GATEWAY_AUTH not in {method.get("id") for method in offered}:
+                    raise AgentError(f"agent {agent} offers no {GATEWAY_AUTH} auth method: it cannot be pooled so")
+                fields = {"server_id": server_id, "binding": target.binding}
+            elif llm_provider_for(target.agent, None) is None or target.strategy is not None:
                 with AcpConnection(client, server_id, agent) as acp:
                     acp.initialize(timeout=settings.session_timeout)
                     session_id = acp.new_session(POOL_CWD, timeout=settings.session_timeout)

@@ -76,7 +76,7 @@ from worker.models import (
 from worker.pool import Claimed, Pools, binds_as_is
 from worker.redaction import REDACTOR
 from worker.retries import RetryLater, RetryPolicy
-from worker.store import SessionRecord, Store
+from worker.store import Advance, SessionRecord, Store
 from worker.teardown import Teardown
 
 log = structlog.get_logger(__name__)
@@ -283,22 +283,38 @@ class Pipeline:
         not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices.
         Both are asked in one round trip (its holder is our worker id)."""
         holder, terminating = self.store.checkpoint(attempt.record.request.request_id)
-        if attempt.lease.lost.is_set() or holder != self.worker_id:
+        self._passed(attempt, stage, lost=holder != self.worker_id, terminating=terminating)
+
+    def _passed(self, attempt: _Attempt, stage: str, *, lost: bool, terminating: bool) -> None:
+        if attempt.lease.lost.is_set() or lost:
             attempt.lease.lost.set()
             raise _LeaseLost
         if terminating:
             raise Terminated("terminated while starting", stage=stage)
 
+    def _report(self, attempt: _Attempt, stage: StageName) -> None:
+        """The checkpoint before a stage, and the record saying the stage began written only if it passes: both in
+        one round trip (Store.advance)."""
+        self._passed(attempt, stage, lost=False, terminating=False)  # a lease the heartbeat lost: write nothing
+        result = attempt.record.result
+        before = result.state, result.stage
+        result.state, result.stage = SessionState.starting, stage
+        found = self.store.advance(attempt.record, self.worker_id)
+        if found is not Advance.written:  # the record as it was kept: the stage never began
+            attempt.record.result.state, attempt.record.result.stage = before
+        self._passed(attempt, stage, lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
+        self.progress(stage, attempt.record.result)
+
     @contextlib.contextmanager
     def _stage(self, attempt: _Attempt, stage: StageName, *, quiet: bool = False) -> Iterator[None]:
         """Run one stage: checked against the lease and terminate requests, timed, and reported (the record written,
         the progress hook called) unless ``quiet``: a stage of milliseconds whose outcome the next write carries."""
-        self._checkpoint(attempt, stage)
-        attempt.record.result.state = SessionState.starting
-        attempt.record.result.stage = stage
-        if not quiet:
-            self.store.put(attempt.record)
-            self.progress(stage, attempt.record.result)
+        if quiet:
+            self._checkpoint(attempt, stage)
+            attempt.record.result.state = SessionState.starting
+            attempt.record.result.stage = stage
+        else:
+            self._report(attempt, stage)
         started = time.perf_counter()
         try:
             yield

@@ -127,6 +127,7 @@ class _Attempt:
     warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
     warm_as_is: bool = False  # the session uses the warm daemon, agent and session as they are (pool.binds_as_is)
     token: SecretStr | None = None
+    image: str | None = None  # the image of a new sandbox with a preinstalled daemon (its checks are made once)
     grant: CredentialGrant | None = None
     agent: AgentSetup = field(default_factory=AgentSetup)
     acp: AcpConnection | None = None
@@ -645,9 +646,9 @@ class Pipeline:
         )
         retry(start)
         served_by = attempt.record.result.provider or request.provider
-        image = f"{served_by.value}:{failover.image_for(request, served_by) or '(default)'}"
-        preinstalled = settings.daemon_install is InstallMode.preinstalled
-        retry(lambda: daemon.check_daemon(provider, sandbox, image=image if preinstalled else None))
+        if settings.daemon_install is InstallMode.preinstalled:
+            attempt.image = f"{served_by.value}:{failover.image_for(request, served_by) or '(default)'}"
+        retry(lambda: daemon.check_daemon(provider, sandbox, image=attempt.image))
         retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
         for path, content in self._session_files(attempt, grant).items():
             retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))
@@ -692,10 +693,12 @@ class Pipeline:
         session_id = pooled.session_id if pooled is not None else None
         if pooled is not None and pooled.server_id:
             acp.attach(pooled.acp_requests)  # checked, spawned and initialized when the pool filled the sandbox
+        elif daemon.agent_pinned(request.agent.value, image=attempt.image):
+            acp.initialize(timeout=settings.session_timeout)
         else:
             # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
-                checked = background.submit(daemon.check_agent, client, request.agent.value)
+                checked = background.submit(daemon.check_agent, client, request.agent.value, image=attempt.image)
                 acp.initialize(timeout=settings.session_timeout)
                 checked.result()
         if session_id is None:

@@ -351,11 +351,12 @@ class Pipeline:
                 self._adopt_or_remove(provider, request, attempt)
 
         with self._stage(attempt, "credentials"):
-            grant = attempt.grant = self.credentials.grant(request)
+            effective = self.credentials.effective(request)  # the tenant default, for this stage and the next
+            grant = attempt.grant = self.credentials.grant(request, effective=effective)
             attempt.mask(grant.secret_values())
 
         with self._stage(attempt, "environment"):
-            llm = llm_provider_for(request.agent, self.credentials.effective(request).credentials.llm_provider)
+            llm = llm_provider_for(request.agent, effective.credentials.llm_provider)
             attempt.agent = agent_setup(
                 request.agent,
                 llm,

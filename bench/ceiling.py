@@ -33,12 +33,12 @@ _CTX = multiprocessing.get_context("fork")  # the children inherit the bench's s
 
 @dataclass
 class RemoteDaemons:
-    """What the null provider needs of the stand-in daemons (their token and environment tables, their address)
-    when they serve from another process."""
+    """What the null provider needs of the stand-in daemons (their token table, their address) when they serve from
+    another process. The environments the provider notes stay here: the server never reads them."""
 
     tokens: Any
-    env: Any
     port: int
+    env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def url(self, sandbox_id: str) -> str:
         return f"http://127.0.0.1:{self.port}/d/{sandbox_id}"
@@ -70,8 +70,8 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _serve(tokens: Any, env: Any, port: Any, stop: Event) -> None:
-    daemons = StandInDaemons(tokens=tokens, env=env)
+def _serve(tokens: Any, port: Any, stop: Event) -> None:
+    daemons = StandInDaemons(tokens=tokens)
     port.value = daemons.port
     stop.wait()
     daemons.close()
@@ -105,8 +105,8 @@ def measure(bench: Bench, sessions: int, processes: int) -> Measured:
     bench.redis  # noqa: B018 - started before the fork, so every child uses the same one
     manager: SyncManager = _CTX.Manager()
     stop, port = _CTX.Event(), _CTX.Value("i", 0)
-    tokens, env = manager.dict(), manager.dict()
-    server = _CTX.Process(target=_serve, args=(tokens, env, port, stop), name="stand-in-daemons", daemon=True)
+    tokens = manager.dict()
+    server = _CTX.Process(target=_serve, args=(tokens, port, stop), name="stand-in-daemons", daemon=True)
     server.start()
     workers: list[multiprocessing.process.BaseProcess] = []
     try:
@@ -115,7 +115,7 @@ def measure(bench: Bench, sessions: int, processes: int) -> Measured:
             if time.monotonic() > deadline or not server.is_alive():
                 raise RuntimeError("the stand-in daemons' process did not start")
             time.sleep(0.01)
-        daemons = RemoteDaemons(tokens, env, port.value)
+        daemons = RemoteDaemons(tokens, port.value)
         start, out = _CTX.Barrier(processes + 1), _CTX.Queue()
         counts = [sessions // processes + (i < sessions % processes) for i in range(processes)]
         for count in counts:

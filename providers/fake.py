@@ -58,17 +58,12 @@ class _Server:
 class StandInDaemons:
     """sandbox-agent stand-ins for many sandboxes behind one loopback server: ``/d/<sandbox_id>/v1/...``.
 
-    ``tokens`` and ``env`` may be tables shared with other processes (a ``multiprocessing`` manager's dicts): the
-    benchmark runs the server in a process of its own, so its CPU is not counted as the worker's."""
+    ``tokens`` may be a table shared with other processes (a ``multiprocessing`` manager's dict): the benchmark runs
+    the server in a process of its own, so its CPU is not counted as the worker's."""
 
-    def __init__(
-        self,
-        *,
-        tokens: MutableMapping[str, str] | None = None,
-        env: MutableMapping[str, dict[str, str]] | None = None,
-    ) -> None:
+    def __init__(self, *, tokens: MutableMapping[str, str] | None = None) -> None:
         self.tokens = tokens if tokens is not None else {}  # sandbox id -> token of its running daemon
-        self.env = env if env is not None else {}
+        self.env: dict[str, dict[str, str]] = {}
         self.files: dict[str, dict[str, bytes]] = {}  # written through the daemon's file API
         self._servers: dict[tuple[str, str], _Server] = {}
         app = Starlette(

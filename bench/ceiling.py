@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue
 import time
 from dataclasses import dataclass, field
 from multiprocessing.managers import SyncManager
@@ -100,6 +101,20 @@ def _work(bench: Bench, daemons: RemoteDaemons, sessions: int, start: Barrier, o
     store.redis.close()
 
 
+def _collect(out: Any, workers: list[multiprocessing.process.BaseProcess]) -> list[Share]:
+    """Every worker process's share, as each finishes; processes that ended without sending one fail the measurement
+    (once all have ended, what they sent has arrived within seconds)."""
+    shares: list[Share] = []
+    while len(shares) < len(workers):
+        ended = not any(worker.is_alive() for worker in workers)
+        try:
+            shares.append(out.get(timeout=5 if ended else 1))
+        except queue.Empty:
+            if ended:
+                raise RuntimeError("a worker process of the ceiling ended without reporting") from None
+    return shares
+
+
 def measure(bench: Bench, sessions: int, processes: int) -> Measured:
     """``sessions`` bring-ups spread over ``processes`` worker processes, all started together."""
     bench.redis  # noqa: B018 - started before the fork, so every child uses the same one
@@ -125,7 +140,7 @@ def measure(bench: Bench, sessions: int, processes: int) -> Measured:
         helpers = [server.pid, manager._process.pid]  # type: ignore[attr-defined]
         stand_in = sum(process_cpu_seconds(pid) for pid in helpers if pid)
         began = time.perf_counter()
-        shares = [out.get(timeout=600) for _ in workers]
+        shares = _collect(out, workers)
         wall = time.perf_counter() - began
         stand_in = sum(process_cpu_seconds(pid) for pid in helpers if pid) - stand_in
         return Measured(shares, wall, stand_in)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Bench
-from providers.fake import FakeProvider, StandInDaemons
+from providers.fake import DaemonTables, FakeProvider, StandInDaemons
 from worker.credentials.broker import build_broker
 from worker.models import SessionState
 from worker.pipeline import Pipeline
@@ -32,14 +32,13 @@ WARM_UP = 5  # sessions per process before the timed window: imports, connection
 _CTX = multiprocessing.get_context("fork")  # the children inherit the bench's settings and logging as they are
 
 
-@dataclass
-class RemoteDaemons:
-    """What the null provider needs of the stand-in daemons (their token table, their address) when they serve from
-    another process. The environments the provider notes stay here: the server never reads them."""
+class RemoteDaemons(DaemonTables):
+    """What the null provider needs of the stand-in daemons (their tables, their address) when they serve from
+    another process: the token table is shared with it; the environments stay here (the server never reads them)."""
 
-    tokens: Any
-    port: int
-    env: dict[str, dict[str, str]] = field(default_factory=dict)
+    def __init__(self, tokens: Any, port: int) -> None:
+        super().__init__(tokens=tokens)
+        self.port = port
 
     def url(self, sandbox_id: str) -> str:
         return f"http://127.0.0.1:{self.port}/d/{sandbox_id}"

@@ -66,37 +66,49 @@ def parse_destination(value: str) -> tuple[str, int | None]:
 
 
 def rules_script(network: str, allowed_host_ports: Sequence[int], allowed_destinations: Sequence[str]) -> str:
-    """The host-side shell script that (re)builds the two chains and hooks them in, once."""
+    """The host-side shell script that (re)builds the two chains and hooks them in, once.
+
+    The chains are replaced in one ``iptables-restore --noflush`` transaction (a declared chain is created, or
+    flushed, and refilled atomically): every worker process rebuilds them when its driver starts, and rebuilds by
+    separate commands running at once could interleave into a chain whose DROP comes before the rule accepting
+    replies, cutting the host off from every daemon on the network until the next rebuild."""
     bridge, sid = bridge_name(network), suffix(network)
     into, forward = f"SWI-{sid}", f"SWF-{sid}"
-    lines = [
-        "set -e",
-        'ipt() { iptables -w 10 "$@"; }',
-        f"ipt -N {into} 2>/dev/null || ipt -F {into}",
-        f"ipt -A {into} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        f"ipt -A {into} -d {LINK_LOCAL} -j DROP",
-        *(f"ipt -A {into} -p tcp --dport {port} -j ACCEPT" for port in allowed_host_ports),
-        f"ipt -A {into} -j DROP",
-        f"ipt -C INPUT -i {bridge} -j {into} 2>/dev/null || ipt -I INPUT 1 -i {bridge} -j {into}",
-        f"ipt -N {forward} 2>/dev/null || ipt -F {forward}",
-        f"ipt -A {forward} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        f"ipt -A {forward} -o {bridge} -j DROP",
-        f"ipt -A {forward} -d {LINK_LOCAL} -j DROP",
+    rules = [
+        "*filter",
+        f":{into} - [0:0]",
+        f":{forward} - [0:0]",
+        f"-A {into} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        f"-A {into} -d {LINK_LOCAL} -j DROP",
+        *(f"-A {into} -p tcp --dport {port} -j ACCEPT" for port in allowed_host_ports),
+        f"-A {into} -j DROP",
+        f"-A {forward} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        f"-A {forward} -o {bridge} -j DROP",
+        f"-A {forward} -d {LINK_LOCAL} -j DROP",
         # An allowed host port the engine forwards to a container (a published port, e.g. the egress proxy run by
         # compose) arrives here after DNAT: allow it by the port the sandbox asked for.
         *(
-            f"ipt -A {forward} -p tcp -m conntrack --ctstate DNAT --ctorigdstport {port} -j ACCEPT"
+            f"-A {forward} -p tcp -m conntrack --ctstate DNAT --ctorigdstport {port} -j ACCEPT"
             for port in allowed_host_ports
         ),
     ]
     for destination in allowed_destinations:
         cidr, port = parse_destination(destination)
-        lines.append(f"ipt -A {forward} -d {cidr}" + (f" -p tcp --dport {port}" if port else "") + " -j ACCEPT")
-    lines += [
-        f"ipt -A {forward} -j DROP",
-        f"ipt -C DOCKER-USER -i {bridge} -j {forward} 2>/dev/null || ipt -I DOCKER-USER 1 -i {bridge} -j {forward}",
-    ]
-    return "\n".join(lines)
+        rules.append(f"-A {forward} -d {cidr}" + (f" -p tcp --dport {port}" if port else "") + " -j ACCEPT")
+    rules += [f"-A {forward} -j DROP", "COMMIT"]
+    # Hooking in twice at once (both checks before either insert) leaves a second jump that is never reached: each
+    # chain ends in a verdict.
+    return "\n".join(
+        [
+            "set -e",
+            'ipt() { iptables -w 10 "$@"; }',
+            "iptables-restore -w 10 --noflush <<'RULES'",
+            *rules,
+            "RULES",
+            f"ipt -C INPUT -i {bridge} -j {into} 2>/dev/null || ipt -I INPUT 1 -i {bridge} -j {into}",
+            f"ipt -C DOCKER-USER -i {bridge} -j {forward} 2>/dev/null || ipt -I DOCKER-USER 1 -i {bridge} -j {forward}",
+        ]
+    )
 
 
 def removal_script(network: str) -> str:

@@ -34,8 +34,6 @@ from providers.base import Endpoint, ExecResult, Provider, ProviderConfig, Sandb
 from worker import pins
 from worker.errors import SandboxGone
 
-_FRONT_TOKEN_ENV = "SANDBOX_WORKER_DAEMON_TOKEN"  # noqa: S105 - worker.daemon.FRONT_TOKEN_ENV, a variable name
-
 
 class FakeConfig(ProviderConfig):
     """Nothing to configure."""
@@ -55,15 +53,29 @@ class _Server:
         self.changed = asyncio.Event()
 
 
-class StandInDaemons:
-    """sandbox-agent stand-ins for many sandboxes behind one loopback server: ``/d/<sandbox_id>/v1/...``.
-
-    ``tokens`` may be a table shared with other processes (a ``multiprocessing`` manager's dict): the benchmark runs
-    the server in a process of its own, so its CPU is not counted as the worker's."""
+class DaemonTables:
+    """Which daemon runs in each sandbox: its front's token and its environment. ``tokens`` may be a table shared
+    with other processes (a ``multiprocessing`` manager's dict): the benchmark serves the stand-ins from a process of
+    their own, so their CPU is not counted as the worker's."""
 
     def __init__(self, *, tokens: MutableMapping[str, str] | None = None) -> None:
         self.tokens = tokens if tokens is not None else {}  # sandbox id -> token of its running daemon
         self.env: dict[str, dict[str, str]] = {}
+
+    def start(self, sandbox_id: str, env: Mapping[str, str]) -> None:
+        """A daemon started with ``env``: its front's token (``SW_FRONT_TOKEN``, see worker.daemon) replaces the
+        running daemon's; a command without one starts nothing."""
+        env = dict(env)
+        if token := env.pop("SW_FRONT_TOKEN", None):
+            env.pop("SW_FRONT", None)
+            self.tokens[sandbox_id], self.env[sandbox_id] = token, env
+
+
+class StandInDaemons(DaemonTables):
+    """sandbox-agent stand-ins for many sandboxes behind one loopback server: ``/d/<sandbox_id>/v1/...``."""
+
+    def __init__(self, *, tokens: MutableMapping[str, str] | None = None) -> None:
+        super().__init__(tokens=tokens)
         self.files: dict[str, dict[str, bytes]] = {}  # written through the daemon's file API
         self._servers: dict[tuple[str, str], _Server] = {}
         app = Starlette(
@@ -123,11 +135,7 @@ class StandInDaemons:
         if not self._authorised(request):
             return JSONResponse({"type": "urn:sandbox-agent:error:token_invalid"}, status_code=401)
         body = await request.json()
-        env = dict(body.get("env") or {})
-        if token := env.pop("SW_FRONT_TOKEN", None):
-            env.pop("SW_FRONT", None)
-            sandbox = request.path_params["sandbox"]
-            self.tokens[sandbox], self.env[sandbox] = token, env
+        self.start(request.path_params["sandbox"], body.get("env") or {})
         return JSONResponse({"exitCode": 0, "timedOut": False, "stdout": "", "stderr": ""})
 
     async def _acp(self, request: Request) -> Response:
@@ -225,7 +233,7 @@ class FakeProvider(Provider):
     ) -> ExecResult:
         self._call("exec")
         self._live(sandbox.sandbox_id)
-        if argv[-1:] == ["--version"]:
+        if argv[-1:] == ["--version"] or (argv[:2] == ["sh", "-c"] and "--version" in argv[2]):  # no daemon front
             return ExecResult(0, f"sandbox-agent {pins.SANDBOX_AGENT_VERSION}\n", "")
         if argv[:2] == ["sh", "-c"] and any(arg.endswith("/sandbox-agent") for arg in argv[3:]):  # stop the daemon
             self.daemons.tokens.pop(sandbox.sandbox_id, None)
@@ -234,11 +242,7 @@ class FakeProvider(Provider):
     def spawn(self, sandbox: Sandbox, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
         self._call("spawn")
         self._live(sandbox.sandbox_id)
-        # worker.daemon starts the daemon, then its front, which alone holds the token (in FRONT_TOKEN_ENV).
-        if _FRONT_TOKEN_ENV in env:
-            self.daemons.tokens[sandbox.sandbox_id] = env[_FRONT_TOKEN_ENV]
-        else:
-            self.daemons.env[sandbox.sandbox_id] = dict(env)
+        self.daemons.start(sandbox.sandbox_id, env)
 
     def upload(self, sandbox: Sandbox, path: str, data: bytes, *, mode: int = 0o644) -> None:
         self._call("upload")

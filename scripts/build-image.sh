@@ -5,8 +5,8 @@
 #                     debootstrap + `docker import` (offline machines).
 #   SANDBOX_IMAGE     LOCAL_BASE_IMAGE + Node.js (Debian's, apt from the host's mirror) + the Claude, Codex and
 #                     OpenCode ACP adapters (npm on the host, cached in ~/.cache/sandbox-worker/agents) +
-#                     sandbox-agent + the stand-in ACP agent (mock-acp), labelled sandbox-worker.inputs=<hash>;
-#                     rebuilt only when the hash changes.
+#                     sandbox-agent and its token front + the stand-in ACP agent (mock-acp), labelled
+#                     sandbox-worker.inputs=<hash>; rebuilt only when the hash changes.
 # Names and versions come from worker/pins.py. Needs a running Docker engine (scripts/setup.sh).
 #   --relock   rewrite sandbox_image/agents/claude-agent-acp.lock.json from the pins, then build
 set -euo pipefail
@@ -170,6 +170,7 @@ inputs_hash() { # base image id, apt sources file
         printf 'dockerfile\n'; cat "$REPO_ROOT/sandbox_image/Dockerfile"
         printf '\nmock-acp\n'; cat "$REPO_ROOT/worker/assets/mock-acp"
         printf '\nacp-launcher\n'; cat "$REPO_ROOT/worker/assets/acp-launcher"
+        printf '\ndaemon-front\n'; cat "$REPO_ROOT/worker/assets/daemon-front"
         printf '\nagent scripts\n'; (cd "$REPO_ROOT/sandbox_image/agents/bin" && find . -type f | LC_ALL=C sort | xargs sha256sum)
         printf '\nagents %s\n' "$(agents_key)"
         printf 'nodejs %s %s\n' "$PIN_NODEJS_DEBIAN_PACKAGE" "$PIN_NODEJS_MAJOR"
@@ -185,6 +186,7 @@ make_context() { # dir apt-sources-file
     install -m 0644 "$REPO_ROOT/sandbox_image/Dockerfile" "$ctx/Dockerfile"
     install -m 0644 "$2" "$ctx/apt-sources.list"
     install -m 0755 "$SANDBOX_AGENT_BIN" "$ctx/sandbox-agent"
+    install -m 0755 "$REPO_ROOT/worker/assets/daemon-front" "$ctx/daemon-front"
     # Hard links when the cache is on the same file system (hundreds of MB), else a copy.
     cp -al "$AGENTS_DIR" "$ctx/agents" 2>/dev/null || { rm -rf "$ctx/agents"; cp -a "$AGENTS_DIR" "$ctx/agents"; }
     rm -f "$ctx/agents/.verified"

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +17,18 @@ from providers.base import Endpoint, ExecResult, Sandbox, SandboxSpec
 from providers.fake import FakeProvider, StandInDaemons
 from worker import pins
 from worker.acp import AcpConnection, Turn, agent_error, approve_permissions, reject_permissions
-from worker.daemon import DaemonClient, agent_pinned, check_agent, check_daemon, raise_for_problem
+from worker.daemon import (
+    FRONT_PATH,
+    DaemonClient,
+    agent_pinned,
+    check_agent,
+    check_daemon,
+    front_script,
+    put_daemon,
+    raise_for_problem,
+)
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
+from worker.models import InstallMode
 
 pytest_plugins = ["tests.standins.fake_fixtures"]
 
@@ -143,34 +154,46 @@ def test_llm_refusals_get_codes_of_their_own(data: dict[str, object], code: str)
     assert agent_error("session/prompt", {"code": -32603, **data}).code == code
 
 
-class _Versions(FakeProvider):
-    """A fake whose daemon reports the versions given, one per `--version` call, and counts the calls."""
+class _Images(FakeProvider):
+    """A fake whose images answer the daemon's check with the outputs given, one per check, and counts the calls."""
 
-    def __init__(self, daemons: StandInDaemons, *versions: str) -> None:
+    def __init__(self, daemons: StandInDaemons, *outputs: str) -> None:
         super().__init__(daemons=daemons)
-        self.versions = list(versions)
+        self.outputs = list(outputs)
 
     def exec(self, sandbox: Sandbox, argv: Sequence[str], **kwargs: Any) -> ExecResult:
-        if argv[-1:] == ["--version"]:
+        if "--version" in argv or (argv[:2] == ["sh", "-c"] and "--version" in argv[2]):
             self._call("exec")
-            return ExecResult(0, self.versions.pop(0), "")
+            return ExecResult(0, self.outputs.pop(0), "")
         return super().exec(sandbox, argv, **kwargs)
 
 
-def test_a_preinstalled_daemon_is_checked_once_per_image(daemons: StandInDaemons) -> None:
-    """The pinned version is asked of an image's first sandbox only; a mismatch is never remembered as pinned."""
+def test_a_preinstalled_daemon_and_its_front_are_checked_once_per_image(daemons: StandInDaemons) -> None:
+    """The pinned version and the image's front are asked of an image's first sandbox only; a mismatched version is
+    never remembered as pinned; an image whose front is not the worker's gets the worker's in each sandbox."""
     pinned = f"sandbox-agent {pins.SANDBOX_AGENT_VERSION}\n"
-    provider = _Versions(daemons, "sandbox-agent 0.0.1\n", pinned, pinned, pinned)
+    ours = front_script().decode()
+    provider = _Images(daemons, "sandbox-agent 0.0.1\n", pinned + ours, pinned + "an older front\n")
     spec = SandboxSpec(image=None, labels={}, env={})
-    first, second = provider.start(spec), provider.start(spec)
-    image = f"fake:{uuid.uuid4().hex}"
+    first, second, third = provider.start(spec), provider.start(spec), provider.start(spec)
+    image, binary = uuid.uuid4().hex, Path("/nonexistent")
     with pytest.raises(DaemonError, match="is not sandbox-agent"):
-        check_daemon(provider, first, image=image)
-    check_daemon(provider, first, image=image)
-    check_daemon(provider, second, image=image)
+        put_daemon(provider, first, InstallMode.preinstalled, binary, image=image)
+    put_daemon(provider, first, InstallMode.preinstalled, binary, image=image)
+    put_daemon(provider, second, InstallMode.preinstalled, binary, image=image)
     assert provider.calls.count("exec") == 2
-    check_daemon(provider, second)  # no image (an uploaded daemon): always asked
+    assert provider.calls.count("upload") == 0  # the image's front is the worker's
+
+    older = uuid.uuid4().hex
+    put_daemon(provider, second, InstallMode.preinstalled, binary, image=older)
+    put_daemon(provider, third, InstallMode.preinstalled, binary, image=older)
     assert provider.calls.count("exec") == 3
+    assert provider.files[third.sandbox_id][FRONT_PATH] == ours.encode()
+    assert provider.calls.count("upload") == 2
+
+    provider.outputs.append(pinned)
+    check_daemon(provider, third)  # an uploaded daemon: always asked
+    assert provider.calls.count("exec") == 4
 
 
 def test_a_preinstalled_agent_is_checked_once_per_image() -> None:

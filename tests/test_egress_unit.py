@@ -80,7 +80,7 @@ def test_the_host_rules_close_everything_but_what_is_allowed() -> None:
     script = docker_isolation.rules_script("sandbox-worker", [8089], ["10.1.0.0/16:443"])
     bridge = docker_isolation.bridge_name("sandbox-worker")
     assert len(bridge) <= 15
-    rules = [line for line in script.splitlines() if line.startswith("ipt -A SWF")]
+    rules = [line for line in script.splitlines() if line.startswith("-A SWF")]
     assert [rule.split(" -j ")[-1] for rule in rules] == ["ACCEPT", "DROP", "DROP", "ACCEPT", "ACCEPT", "DROP"]
     assert f"-o {bridge} -j DROP" in rules[1] and "-d 169.254.0.0/16 -j DROP" in rules[2]
     assert "--ctorigdstport 8089" in rules[3] and "-d 10.1.0.0/16 -p tcp --dport 443" in rules[4]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.agents import AGENT_VARIABLES
+from worker.credentials.agents import CREDENTIAL_VARIABLES
 from worker.errors import InvalidRequest
 from worker.models import SessionRequest, SessionResult, SessionState, env_denied, parse_request
 
@@ -94,6 +96,13 @@ def test_user_env_refuses_loader_proxy_ca_and_agent_variables(name: str) -> None
     assert f"{name} may not be set: " in caught.value.message
     reason = env_denied(name)
     assert reason is not None and reason in caught.value.message
+
+
+def test_every_variable_the_worker_sets_is_denied_to_requests() -> None:
+    """One rule, one list: the credentials' and the agents' variables, and the daemon's own, are all in ENV_DENIED, so
+    a request can never shadow one of them (in the sandbox's environment either)."""
+    ours = CREDENTIAL_VARIABLES | AGENT_VARIABLES | {"SANDBOX_AGENT_LOG_STDOUT", "SANDBOX_AGENT_REQUIRE_PREINSTALL"}
+    assert [name for name in sorted(ours) if env_denied(name) is None] == []
 
 
 @pytest.mark.parametrize("name", ["SW_TEST_COLOUR", "NODE_ENV", "GREETING", "APP_TOKEN", "LANG", "TZ", "CI"])

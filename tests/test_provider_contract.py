@@ -169,7 +169,7 @@ def test_driver_runs_a_sandbox_and_the_daemon(driver: Provider, backend: Backend
         assert driver.exec(sandbox, ["/tmp/contract/dir/file.sh"]).stdout.strip() == "uploaded"
 
         token = daemon.new_token()
-        daemon.install_daemon(driver, sandbox, InstallMode.preinstalled, pins_binary_path())
+        daemon.install_daemon(driver, sandbox, InstallMode.preinstalled, pins_binary_path(), image=None)
         daemon.start_daemon(driver, sandbox, token=token, port=2468, cwd="/workspace", env={"SW_SECRETISH": "x"})
         endpoint = driver.endpoint(sandbox, 2468)
         client = daemon.DaemonClient(endpoint, token)

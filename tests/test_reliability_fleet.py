@@ -22,11 +22,6 @@ pytestmark = pytest.mark.integration
 WorkerFactory = Callable[..., WorkerProcess]
 
 
-@pytest.mark.xfail(
-    reason="known defect, open: since the token-holding daemon front, about one run in two has one of the sixty "
-    "bring-ups end daemon_unhealthy (the daemon up, its front not answering within the deadline); see the note",
-    strict=False,
-)
 def test_a_provider_cap_holds_across_three_workers(
     fleet: Fleet, worker_factory: WorkerFactory, docker_client: docker.DockerClient
 ) -> None:

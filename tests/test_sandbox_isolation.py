@@ -23,6 +23,7 @@ import pytest
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
+from providers import docker_isolation
 from providers.base import LABEL_OWNER, Sandbox, SandboxSpec
 from providers.docker import DockerConfig, DockerProvider
 from tests.conftest import OWNER, ROOT, SANDBOX_NETWORK, wait_for
@@ -102,7 +103,7 @@ def _pair(config: DockerConfig) -> Iterator[Pair]:
     target, prober = driver.start(spec), driver.start(spec)
     try:
         token = daemon.new_token()
-        daemon.install_daemon(driver, target, InstallMode.preinstalled, Settings().daemon_binary)
+        daemon.install_daemon(driver, target, InstallMode.preinstalled, Settings().daemon_binary, image=None)
         daemon.start_daemon(driver, target, token=token, port=DAEMON_PORT, cwd="/workspace", env={})
         daemon.DaemonClient(driver.endpoint(target, DAEMON_PORT), token).wait_healthy(30)
         service = ["python3", "-m", "http.server", str(SERVICE_PORT)]
@@ -159,6 +160,38 @@ def test_a_sandbox_reaches_only_the_allowed_host_ports(isolated: Pair, host_serv
 def test_the_probes_see_a_connection_where_nothing_isolates(unprotected: Pair, host_services: HostServices) -> None:
     """The control: on the default bridge without isolation every probe above connects."""
     assert set(_reachable(unprotected, host_services).values()) == {"OPEN"}
+
+
+def test_host_rules_rebuilt_at_once_by_many_workers_end_whole(docker_client: docker.DockerClient) -> None:
+    """Every worker process rebuilds its network's chains when its driver starts, so a fleet starting rebuilds them
+    many times at once: they must end exactly as one rebuild leaves them, replies accepted before any DROP (built by
+    separate commands, interleaved rebuilds left a DROP first now and then, and the host lost every daemon)."""
+    network = f"sw-rules-{uuid.uuid4().hex[:8]}"
+    image = DockerConfig().image
+    script = docker_isolation.rules_script(network, [8089], ["10.1.0.0/16:443"])
+    docker_isolation.ensure_network(docker_client, network)
+    try:
+        docker_isolation.run_on_host(docker_client, image, script)
+        chains = [f"{kind}-{docker_isolation.suffix(network)}" for kind in ("SWI", "SWF")]
+        expected = {chain: _rules(chain) for chain in chains}
+        assert expected[chains[0]][1].endswith("--ctstate RELATED,ESTABLISHED -j ACCEPT")
+        rebuilds = [
+            threading.Thread(target=docker_isolation.run_on_host, args=(docker_client, image, script)) for _ in range(6)
+        ]
+        for rebuild in rebuilds:
+            rebuild.start()
+        for rebuild in rebuilds:
+            rebuild.join()
+        assert {chain: _rules(chain) for chain in chains} == expected
+    finally:
+        docker_isolation.remove(docker_client, image, network)
+
+
+def _rules(chain: str) -> list[str]:
+    """The chain's rules as the engine host lists them (this machine is the engine's host)."""
+    return subprocess.run(
+        ["iptables", "-w", "10", "-S", chain], check=True, capture_output=True, text=True
+    ).stdout.split("\n")
 
 
 def test_sandboxes_run_without_capabilities_and_with_limits(isolated: Pair) -> None:

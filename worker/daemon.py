@@ -28,7 +28,7 @@ import structlog
 from pydantic import SecretStr
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed, wait_incrementing
 
-from providers.base import Endpoint, Provider, Sandbox, detached_command
+from providers.base import Endpoint, ExecResult, Provider, Sandbox, detached_command
 from worker import pins
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
 from worker.models import InstallMode
@@ -43,7 +43,6 @@ MOCK_AGENT_ASSET = "mock-acp"
 # the sandbox's loopback, one port up, with no token on its command line.
 FRONT_ASSET = "daemon-front"
 FRONT_PATH = "/usr/local/lib/sandbox-worker/daemon-front"
-FRONT_TOKEN_ENV = "SANDBOX_WORKER_DAEMON_TOKEN"  # noqa: S105 - a variable name, not a value
 
 
 def new_token() -> SecretStr:
@@ -59,6 +58,11 @@ def mock_agent_script() -> bytes:
     return _asset(MOCK_AGENT_ASSET)
 
 
+def front_script() -> bytes:
+    """The daemon's token-holding front shipped with the worker (see worker/assets/daemon-front)."""
+    return _asset(FRONT_ASSET)
+
+
 def loopback_port(port: int) -> int:
     """Where the daemon listens on the sandbox's loopback, behind the front on ``port``."""
     return port + 1 if port < 65535 else port - 1
@@ -68,37 +72,55 @@ def loopback_port(port: int) -> int:
 # Installing and starting the daemon inside a sandbox
 
 
-def install_daemon(provider: Provider, sandbox: Sandbox, mode: InstallMode, binary: Path) -> None:
-    """Make sure the pinned daemon is in the sandbox: upload the static binary, or check the image has it."""
-    put_daemon(provider, sandbox, mode, binary)
-    check_daemon(provider, sandbox)
+def install_daemon(provider: Provider, sandbox: Sandbox, mode: InstallMode, binary: Path, *, image: str | None) -> None:
+    """Make sure the pinned daemon and its front are in the sandbox: uploaded, or the image's, checked."""
+    put_daemon(provider, sandbox, mode, binary, image=image)
+    if mode is InstallMode.upload:
+        check_daemon(provider, sandbox)
 
 
-def put_daemon(provider: Provider, sandbox: Sandbox, mode: InstallMode, binary: Path) -> None:
-    """Upload the static binary when the mode says so (a preinstalled image has it already)."""
+def put_daemon(provider: Provider, sandbox: Sandbox, mode: InstallMode, binary: Path, *, image: str | None) -> None:
+    """Put the daemon and its front in place before the daemon starts. Uploaded when the mode says so (then the
+    daemon's version is checked by :func:`check_daemon`, while it boots); otherwise the image's own, checked once
+    per image (``None``: the provider's default) here: the pinned version, and a front that is the worker's, else the
+    worker's is uploaded into each of the image's sandboxes."""
     if mode is InstallMode.upload:
         if not binary.is_file():
             raise DaemonError(f"daemon binary not found on the worker at {binary} (run scripts/setup.sh)")
         provider.upload(sandbox, DAEMON_PATH, binary.read_bytes(), mode=0o755)
-
-
-# Images (by provider and name) whose daemon this process found to be the pinned version. An image does not change
-# under its name while a worker runs, so a preinstalled daemon is checked on the image's first sandbox only, not on
-# every session's hot path (a command in the sandbox: ~70 ms on an idle Docker host, more under load).
-_PINNED_IMAGES: set[str] = set()
-
-
-def check_daemon(provider: Provider, sandbox: Sandbox, *, image: str | None = None) -> None:
-    """The daemon in the sandbox is the pinned version; with ``image`` (a preinstalled daemon), once per image."""
-    if image is not None and image in _PINNED_IMAGES:
+        provider.upload(sandbox, FRONT_PATH, front_script(), mode=0o755)
         return
-    version = provider.exec(sandbox, [DAEMON_PATH, "--version"], timeout=30)
+    key = f"{provider.name}:{image or '(default)'}"
+    if key not in _IMAGE_FRONTS:
+        _IMAGE_FRONTS[key] = _check_image(provider, sandbox)
+    if not _IMAGE_FRONTS[key]:
+        provider.upload(sandbox, FRONT_PATH, front_script(), mode=0o755)
+
+
+# Images (by provider and name) whose daemon this process found to be the pinned version, and whether their front is
+# the worker's. An image does not change under its name while a worker runs, so an image's sandbox is checked on its
+# first sandbox only, not on every session's hot path (a command in the sandbox: ~70 ms on an idle Docker host).
+_IMAGE_FRONTS: dict[str, bool] = {}
+_IMAGE_CHECK = '"$0" --version || exit; cat "$1" 2>/dev/null; exit 0'
+
+
+def _check_image(provider: Provider, sandbox: Sandbox) -> bool:
+    """The image's daemon is the pinned version (else :class:`DaemonError`); returns whether its front is ours."""
+    result = provider.exec(sandbox, ["sh", "-c", _IMAGE_CHECK, DAEMON_PATH, FRONT_PATH], timeout=30)
+    _require_pinned(result)
+    return result.stdout.partition("\n")[2] == front_script().decode()
+
+
+def check_daemon(provider: Provider, sandbox: Sandbox) -> None:
+    """The daemon uploaded into the sandbox is the pinned version."""
+    _require_pinned(provider.exec(sandbox, [DAEMON_PATH, "--version"], timeout=30))
+
+
+def _require_pinned(version: ExecResult) -> None:
     expected = f"sandbox-agent {pins.SANDBOX_AGENT_VERSION}"
     if not version or not version.stdout.strip().startswith(expected):
         found = (version.stdout or version.stderr).strip()[:200] or f"exit code {version.exit_code}"
         raise DaemonError(f"{DAEMON_PATH} in the sandbox is not {expected} ({found})")
-    if image is not None:
-        _PINNED_IMAGES.add(image)
 
 
 def install_agent(provider: Provider, sandbox: Sandbox, agent: str, mode: InstallMode) -> None:
@@ -123,22 +145,18 @@ def start_daemon(
     cwd: str,
     env: Mapping[str, SecretStr | str],
 ) -> None:
-    """Start ``sandbox-agent server`` from the workspace with the session's environment, behind its front.
+    """Start ``sandbox-agent server`` from the workspace with the session's environment, behind its front, in one
+    command in the sandbox (:data:`_START_DAEMON`).
 
-    0.4.2 takes a token only as ``--token``, and a Docker sandbox's command lines are readable by every user of
-    the host, so the token never goes on one: the daemon listens with ``--no-token`` on the sandbox's loopback
-    (nothing outside the sandbox reaches it) and the front on ``port`` holds the token in its environment,
-    readable only by its own uid, and lets through only connections that present it."""
-    process_env = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in env.items()}
-    process_env.update(
-        SANDBOX_AGENT_LOG_STDOUT="1",
-        # Fail fast instead of a silent implicit install on the first ACP POST.
-        SANDBOX_AGENT_REQUIRE_PREINSTALL="1",
+    0.4.2 takes a token only as ``--token``, and a Docker sandbox's command lines are readable by every user of the
+    host, so the token never goes on one: the daemon listens with ``--no-token`` on the sandbox's loopback (nothing
+    outside the sandbox reaches it) and the front on ``port`` holds the token in its environment, readable only by
+    its own uid, and lets through only connections that present it. The front and the token are put in place by
+    :func:`put_daemon` and kept out of the daemon's (and so the agent's) environment."""
+    launcher = ["sh", "-c", _START_DAEMON, *_server_argv(port)]
+    provider.spawn(
+        sandbox, launcher, env={**_process_env(env), **_front_env(token, port)}, cwd=cwd, log_path=DAEMON_LOG
     )
-    provider.upload(sandbox, FRONT_PATH, _asset(FRONT_ASSET), mode=0o755)
-    provider.spawn(sandbox, _server_argv(port), env=_process_env(env), cwd=cwd, log_path=DAEMON_LOG)
-    front_env = {FRONT_TOKEN_ENV: token.get_secret_value()}
-    provider.spawn(sandbox, ["python3", FRONT_PATH, *_front_ports(port)], env=front_env, cwd="/", log_path=DAEMON_LOG)
 
 
 def _process_env(env: Mapping[str, SecretStr | str]) -> dict[str, str]:
@@ -149,6 +167,11 @@ def _process_env(env: Mapping[str, SecretStr | str]) -> dict[str, str]:
         SANDBOX_AGENT_REQUIRE_PREINSTALL="1",
     )
     return process_env
+
+
+def _front_env(token: SecretStr, port: int) -> dict[str, str]:
+    """What :data:`_START_DAEMON` starts the front with; it unsets both before it becomes the daemon."""
+    return {"SW_FRONT": " ".join([FRONT_PATH, *_front_ports(port)]), "SW_FRONT_TOKEN": token.get_secret_value()}
 
 
 def _front_ports(port: int) -> list[str]:
@@ -192,11 +215,10 @@ def replace_daemon(
     )
     if files:  # the file API writes with the default mode; credentials and configs are the agent's alone
         launcher = f"chmod 600 {shlex.join(files)} && {launcher}"
-    front = {"SW_FRONT": " ".join([FRONT_PATH, *_front_ports(port)]), "SW_FRONT_TOKEN": token.get_secret_value()}
     body = {
         "command": "sh",
         "args": ["-c", launcher],
-        "env": {"PATH": _PATH, **_process_env(env), **front},
+        "env": {"PATH": _PATH, **_process_env(env), **_front_env(token, port)},
         "timeoutMs": 10_000,
     }
     try:
@@ -215,7 +237,7 @@ def replace_daemon(
 _STOP_DAEMON = r"""
 front=$1  # a function's $1 is its own argument
 pids() { for p in /proc/[0-9]*; do
-  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*|"python3 $front "*) echo "${p#/proc/}";; esac; done; }
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "$0 server"*|"python3 "*" $front "*) echo "${p#/proc/}";; esac; done; }
 for pid in $(pids); do kill -TERM "$pid" 2>/dev/null; done
 for _ in $(seq 50); do [ -z "$(pids)" ] && exit 0; sleep 0.1; done
 for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
@@ -224,25 +246,33 @@ for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+# Starts the front (``SW_FRONT``: its path and ports) with the token and nothing else in its environment (no session
+# credential, no PYTHON* variable: -I), and becomes the daemon (``$0 "$@"``), which holds neither of the front's
+# variables: one command in the sandbox for both.
+_START_DAEMON = rf"""
+env -i PATH={_PATH} SANDBOX_WORKER_DAEMON_TOKEN="$SW_FRONT_TOKEN" python3 -I -S $SW_FRONT &
+unset SW_FRONT SW_FRONT_TOKEN
+exec "$0" "$@"
+"""
+
 # Run by the running daemon (its process API), so the launcher's parent is that daemon: the launcher passes its pid
 # as SW_DAEMON_PID. Kills it and its front (SIGKILL: nothing runs under them to end cleanly), waits until they are
-# dead (gone, or zombies: PID 1 of a container may never reap them) so the ports are free, starts the new front with
-# the token in its environment only, and becomes the new daemon.
-_REPLACE_DAEMON = r"""
+# dead (gone, or zombies: PID 1 of a container may never reap them) so the ports are free, then starts the new front
+# and daemon as _START_DAEMON does.
+_REPLACE_DAEMON = (
+    r"""
 pid=$SW_DAEMON_PID; unset SW_DAEMON_PID
 [ "$(readlink "/proc/$pid/exe")" = "$0" ] || { echo "parent $pid is not $0" >&2; exit 1; }
 kill -KILL "$pid"
 for p in /proc/[0-9]*; do
-  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "python3 $SW_FRONT "*) kill -KILL "${p#/proc/}";; esac; done
+  case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "python3 "*" $SW_FRONT "*) kill -KILL "${p#/proc/}";; esac; done
 while read -r _ _ state _ < "/proc/$pid/stat" 2>/dev/null && [ "$state" != Z ]; do sleep 0.005; done
 for _ in $(seq 200); do
   busy=; for p in /proc/[0-9]*; do
-    case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "python3 $SW_FRONT "*) busy=1;; esac; done
-  [ -z "$busy" ] && break; sleep 0.005; done
-SANDBOX_WORKER_DAEMON_TOKEN=$SW_FRONT_TOKEN python3 $SW_FRONT &
-unset SW_FRONT SW_FRONT_TOKEN
-exec "$0" "$@"
-"""
+    case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in "python3 "*" $SW_FRONT "*) busy=1;; esac; done
+  [ -z "$busy" ] && break; sleep 0.005; done"""
+    + _START_DAEMON
+)
 
 
 def stop_daemon(provider: Provider, sandbox: Sandbox) -> None:

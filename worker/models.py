@@ -51,7 +51,8 @@ ENV_DENIED: dict[str, tuple[str, ...]] = {
     ),
     "the agents' and LLM providers' settings come from the worker and the credentials strategy": (
         "CLAUDE_*", "ANTHROPIC_*", "OPENAI_*", "CODEX_*", "OPENCODE_*", "AMP_*", "OPENROUTER_*", "LITELLM_*",
-        "PORTKEY_*", "AWS_*", "GOOGLE_*", "GCLOUD_*", "CLOUDSDK_*", "VERTEX*", "AZURE_*",
+        "PORTKEY_*", "AWS_*", "GOOGLE_*", "GCLOUD_*", "CLOUDSDK_*", "VERTEX*", "AZURE_*", "DISABLE_TELEMETRY",
+        "DISABLE_ERROR_REPORTING", "IS_SANDBOX",
     ),
     "a git or ssh variable runs commands or rewrites remotes": (
         "GIT_SSH*", "GIT_CONFIG*", "GIT_ASKPASS", "SSH_ASKPASS", "GIT_EXEC_PATH", "GIT_PROXY_COMMAND",

@@ -635,7 +635,11 @@ class Pipeline:
         daemon of the wrong version fails here all the same."""
         settings, retry = self.settings, self.retries.in_stage
         assert attempt.token is not None
-        retry(lambda: daemon.put_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary))
+        served_by = attempt.record.result.provider or request.provider
+        image = failover.image_for(request, served_by)
+        retry(
+            lambda: daemon.put_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary, image=image)
+        )
         start = functools.partial(
             daemon.start_daemon,
             provider,
@@ -646,10 +650,10 @@ class Pipeline:
             env=environment.daemon_env,
         )
         retry(start)
-        served_by = attempt.record.result.provider or request.provider
-        if settings.daemon_install is InstallMode.preinstalled:
-            attempt.image = f"{served_by.value}:{failover.image_for(request, served_by) or '(default)'}"
-        retry(lambda: daemon.check_daemon(provider, sandbox, image=attempt.image))
+        if settings.daemon_install is InstallMode.upload:
+            retry(lambda: daemon.check_daemon(provider, sandbox))
+        else:  # the image's daemon is checked once per image (put_daemon), and so is its agent (the session stage)
+            attempt.image = f"{provider.name}:{image or '(default)'}"
         retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
         for path, content in self._session_files(attempt, grant).items():
             retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))

@@ -442,7 +442,7 @@ class Pools:
         pool's placeholder; any other needs its session's environment, so it is spawned after the claim. Returns
         the token and the entry's agent fields."""
         settings, agent = self.settings, target.agent.value
-        daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary)
+        daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary, image=target.image)
         daemon.install_agent(provider, sandbox, agent, settings.daemon_install)
         token = daemon.new_token()
         daemon.start_daemon(provider, sandbox, token=token, port=settings.daemon_port, cwd=POOL_CWD, env=setup.env)

@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}")
     parser.add_argument("--burst", type=int, default=100, help="sessions submitted at once by the burst scenario")
     parser.add_argument("--ceiling-sessions", type=int, default=300, help="sessions of the ceiling scenario")
+    parser.add_argument(
+        "--ceiling-processes", type=int, default=2, help="worker processes of the ceiling scenario (as --concurrency)"
+    )
     parser.add_argument("--max-seconds", type=float, default=600.0, help="no new timed run starts after this")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -66,7 +69,7 @@ def main() -> None:
     configure_logging("console", level=logging.WARNING)
     console = Console(stderr=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    bench = Bench(args.runs, args.max_seconds, args.burst, args.ceiling_sessions)
+    bench = Bench(args.runs, args.max_seconds, args.burst, args.ceiling_sessions, args.ceiling_processes)
     rows: list[Row] = []
     try:
         for name in names:

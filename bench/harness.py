@@ -134,10 +134,13 @@ def machine() -> dict[str, Any]:
 class Bench:
     """The shared set-up, built on first use and torn down by :meth:`close`."""
 
-    def __init__(self, runs: int, max_seconds: float, burst: int = 100, ceiling_sessions: int = 300) -> None:
+    def __init__(
+        self, runs: int, max_seconds: float, burst: int = 100, ceiling_sessions: int = 300, ceiling_processes: int = 2
+    ) -> None:
         self.runs = runs
         self.burst = burst
         self.ceiling_sessions = ceiling_sessions
+        self.ceiling_processes = ceiling_processes
         self.deadline = time.monotonic() + max_seconds
         self.owner = f"sw-bench-{uuid.uuid4().hex[:8]}"
         self.key = f"sk-bench-not-a-real-key-{uuid.uuid4().hex[:8]}"

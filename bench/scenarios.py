@@ -16,24 +16,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import redis
 from pydantic import SecretStr
 
+from bench.ceiling import measure
 from bench.harness import ROOT, Bench, Row
-from providers.fake import FakeProvider
 from tests.standins.credentials import CredentialStack, bridge_address
 from tests.standins.llm_api import LLMApi
 from worker import pins
-from worker.credentials.broker import build_broker
 from worker.credentials.vault import Vault, VaultCredential, VaultStore
 from worker.limits import Semaphore
-from worker.models import SessionState
-from worker.pipeline import Pipeline
 from worker.secret_store import SecretStore
-from worker.store import Store
 
 Scenario = Callable[[Bench], Row]
 
@@ -247,51 +241,27 @@ def burst(bench: Bench) -> Row:
     return row
 
 
-def _thread_cpu_seconds(native_id: int | None) -> float:
-    """CPU seconds a thread of this process used (Linux /proc): the stand-in daemons' share, to leave out."""
-    if native_id is None:
-        return 0.0
-    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / 100.0
-
-
 def ceiling(bench: Bench) -> Row:
-    """The orchestration alone: Pipeline.create with a null provider and stand-in daemons (providers/fake.py), real
-    Redis, one process, sessions one after another. Worker CPU excludes the stand-in daemons' thread."""
-    sessions = bench.ceiling_sessions
-    row = Row("ceiling", f"{sessions} sessions in one process: null provider, stand-in daemon, real Redis")
+    """The orchestration alone (bench/ceiling.py): Pipeline.create in ``bench.ceiling_processes`` worker processes with
+    a null provider, stand-in daemons in a process of their own, and real Redis."""
+    sessions, processes = bench.ceiling_sessions, bench.ceiling_processes
+    row = Row(
+        "ceiling",
+        f"{sessions} sessions over {processes} worker processes, each one session at a time: null provider, stand-in "
+        "daemons in their own process, real Redis; sessions/s over the wall clock, CPU of the worker processes only",
+    )
     row.comparable = False
-    settings = bench.settings()
-    store = Store.from_settings(settings)
-    provider = FakeProvider()
-    pipeline = Pipeline(settings, store, lambda _name: provider, build_broker(settings, store))
-    stand_in = provider.daemons._thread
-    try:
-        for _ in range(5):  # warm-up: imports, connections
-            pipeline.create(bench.request("mock"))
-        cpu_before, daemon_before = time.process_time(), _thread_cpu_seconds(stand_in.native_id)
-        started = time.perf_counter()
-        for _ in range(sessions):
-            payload = bench.request("mock")
-            began = time.perf_counter()
-            result = pipeline.create(payload)
-            if result.state is SessionState.ready:
-                row.latencies_ms.append((time.perf_counter() - began) * 1000)
-                row.stages_ms.append(dict(result.timings_ms))
-            else:
-                row.errors.append(f"{result.error.code if result.error else result.state}")
-        wall = time.perf_counter() - started
-        daemon_cpu = _thread_cpu_seconds(stand_in.native_id) - daemon_before
-        worker_cpu = time.process_time() - cpu_before - daemon_cpu
-    finally:
-        provider.close()
-        with contextlib.suppress(redis.RedisError):
-            store.redis.close()
+    measured = measure(bench, sessions, processes)
+    for share in measured.shares:
+        row.latencies_ms += share.latencies_ms
+        row.stages_ms += share.stages_ms
+        row.errors += share.errors
+    worker_cpu = sum(share.cpu_s for share in measured.shares)
     row.extra = {
-        "sessions_per_s": round(sessions / wall, 1),
+        "processes": processes,
+        "sessions_per_s": round(sessions / measured.wall_s, 1),
         "worker_cpu_ms_per_session": round(worker_cpu * 1000 / sessions, 2),
-        "stand_in_daemon_cpu_ms_per_session": round(daemon_cpu * 1000 / sessions, 2),
+        "stand_in_daemon_cpu_ms_per_session": round(measured.stand_in_cpu_s * 1000 / sessions, 2),
     }
     return row
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -53,12 +53,29 @@ class _Server:
         self.changed = asyncio.Event()
 
 
-class StandInDaemons:
+class DaemonTables:
+    """Which daemon runs in each sandbox: its front's token and its environment. ``tokens`` may be a table shared
+    with other processes (a ``multiprocessing`` manager's dict): the benchmark serves the stand-ins from a process of
+    their own, so their CPU is not counted as the worker's."""
+
+    def __init__(self, *, tokens: MutableMapping[str, str] | None = None) -> None:
+        self.tokens = tokens if tokens is not None else {}  # sandbox id -> token of its running daemon
+        self.env: dict[str, dict[str, str]] = {}
+
+    def start(self, sandbox_id: str, env: Mapping[str, str]) -> None:
+        """A daemon started with ``env``: its front's token (``SW_FRONT_TOKEN``, see worker.daemon) replaces the
+        running daemon's; a command without one starts nothing."""
+        env = dict(env)
+        if token := env.pop("SW_FRONT_TOKEN", None):
+            env.pop("SW_FRONT", None)
+            self.tokens[sandbox_id], self.env[sandbox_id] = token, env
+
+
+class StandInDaemons(DaemonTables):
     """sandbox-agent stand-ins for many sandboxes behind one loopback server: ``/d/<sandbox_id>/v1/...``."""
 
-    def __init__(self) -> None:
-        self.tokens: dict[str, str] = {}  # sandbox id -> token of its running daemon
-        self.env: dict[str, dict[str, str]] = {}
+    def __init__(self, *, tokens: MutableMapping[str, str] | None = None) -> None:
+        super().__init__(tokens=tokens)
         self.files: dict[str, dict[str, bytes]] = {}  # written through the daemon's file API
         self._servers: dict[tuple[str, str], _Server] = {}
         app = Starlette(
@@ -111,14 +128,6 @@ class StandInDaemons:
         data = await request.body()
         self.files.setdefault(request.path_params["sandbox"], {})[request.query_params["path"]] = data
         return JSONResponse({"path": request.query_params["path"], "bytesWritten": len(data)})
-
-    def start(self, sandbox_id: str, env: Mapping[str, str]) -> None:
-        """A daemon started with ``env``: its front's token (``SW_FRONT_TOKEN``, see worker.daemon) replaces the
-        running daemon's; a command without one starts nothing."""
-        env = dict(env)
-        if token := env.pop("SW_FRONT_TOKEN", None):
-            env.pop("SW_FRONT", None)
-            self.tokens[sandbox_id], self.env[sandbox_id] = token, env
 
     async def _run(self, request: Request) -> Response:
         """A command run by the daemon: one that starts a new front (its token in ``SW_FRONT_TOKEN``) replaces this

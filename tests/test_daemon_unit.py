@@ -17,7 +17,16 @@ from providers.base import Endpoint, ExecResult, Sandbox, SandboxSpec
 from providers.fake import FakeProvider, StandInDaemons
 from worker import pins
 from worker.acp import AcpConnection, Turn, agent_error, approve_permissions, reject_permissions
-from worker.daemon import FRONT_PATH, DaemonClient, check_daemon, front_script, put_daemon, raise_for_problem
+from worker.daemon import (
+    FRONT_PATH,
+    DaemonClient,
+    agent_pinned,
+    check_agent,
+    check_daemon,
+    front_script,
+    put_daemon,
+    raise_for_problem,
+)
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
 from worker.models import InstallMode
 
@@ -185,3 +194,28 @@ def test_a_preinstalled_daemon_and_its_front_are_checked_once_per_image(daemons:
     provider.outputs.append(pinned)
     check_daemon(provider, third)  # an uploaded daemon: always asked
     assert provider.calls.count("exec") == 4
+
+
+def test_a_preinstalled_agent_is_checked_once_per_image() -> None:
+    """An agent found at its pin in an image is not asked of that image's next sandboxes; one not installed is never
+    remembered, and without an image (an uploaded daemon) it is always asked."""
+    asked: list[str] = []
+    installed = {"mock": False}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        agent = request.url.path.rsplit("/", 1)[-1]
+        asked.append(agent)
+        return httpx.Response(200, json={"id": agent, "installed": installed[agent], "version": "builtin"})
+
+    client = DaemonClient(Endpoint("http://daemon"), SecretStr("t"), transport=httpx.MockTransport(handler))
+    image = f"fake:{uuid.uuid4().hex}"
+    with pytest.raises(AgentError, match="not installed"):
+        check_agent(client, "mock", image=image)
+    assert not agent_pinned("mock", image=image)
+    installed["mock"] = True
+    check_agent(client, "mock", image=image)
+    check_agent(client, "mock", image=image)
+    assert asked == ["mock", "mock"]
+    assert agent_pinned("mock", image=image) and not agent_pinned("mock", image=None)
+    check_agent(client, "mock")
+    assert len(asked) == 3

@@ -9,7 +9,7 @@ from pydantic import SecretStr
 from worker.config import Settings
 from worker.errors import ConfigurationError, InvalidRequest
 from worker.models import SessionRequest, SessionState, invalid_result
-from worker.store import PREFIX, Cipher, Store
+from worker.store import PREFIX, Advance, Cipher, Store
 
 # Every test here uses Redis (the store, the secret store, the gateways' mint locks).
 pytestmark = pytest.mark.integration
@@ -36,6 +36,26 @@ def test_finished_records_expire_after_retention_and_live_ones_do_not(
     record.result.state = SessionState.terminated
     store.put(record)
     assert 0 < redis_client.ttl(f"{PREFIX}session:keep-ready") <= 120
+
+
+def test_advance_writes_only_for_the_lease_holder_and_never_once_terminate_is_asked(
+    settings: Settings, redis_client: redis_lib.Redis
+) -> None:
+    """A stage's checkpoint and write in one step: the holder's write lands, indexed; another worker's or one after a
+    terminate request leaves the record as it was."""
+    store = Store.from_settings(settings)
+    record = store.create(_request("advancing"))
+    assert store.lease("advancing", 30).acquire(blocking=False, token="worker-a")
+    record.result.state, record.result.stage = SessionState.starting, "claim"
+    assert store.advance(record, "worker-b") is Advance.lease_lost
+    assert store.get("advancing").result.state is SessionState.queued  # type: ignore[union-attr]
+    assert store.advance(record, "worker-a") is Advance.written
+    assert store.get("advancing").result.stage == "claim"  # type: ignore[union-attr]
+    assert redis_client.zscore(f"{PREFIX}active", "advancing") == pytest.approx(record.result.updated_at)
+    store.request_terminate("advancing")
+    record.result.stage = "credentials"
+    assert store.advance(record, "worker-a") is Advance.terminating
+    assert store.get("advancing").result.stage == "claim"  # type: ignore[union-attr]
 
 
 def test_the_same_request_id_creates_one_record(settings: Settings) -> None:

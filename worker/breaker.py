@@ -87,9 +87,13 @@ class Breaker:
         """May ``holder`` (a request id) call ``provider`` now? In half-open state only one holder at a time, the
         probe, may."""
         _, opened, tripped, probe = self._keys(provider)
-        if self.redis.exists(opened):
+        pipe = self.redis.pipeline(transaction=False)  # both asked in one round trip
+        pipe.exists(opened)
+        pipe.exists(tripped)
+        is_open, was_tripped = pipe.execute()
+        if is_open:
             return Admission(False, reason="circuit breaker open")
-        if not self.redis.exists(tripped):
+        if not was_tripped:
             return Admission(True)
         cooldown_ms = int(self.config.breaker_cooldown_seconds * 1000)
         if self.redis.set(probe, holder, nx=True, px=cooldown_ms) or self.redis.get(probe) == holder:
@@ -112,6 +116,9 @@ class Breaker:
     def success(self, provider: ProviderName) -> None:
         """A create succeeded: the breaker closes and the failure streak is forgotten."""
         keys = self._keys(provider)
-        if self.redis.exists(keys[2]):
+        pipe = self.redis.pipeline(transaction=False)  # one round trip
+        pipe.exists(keys[2])
+        pipe.delete(*keys)
+        was_tripped, _ = pipe.execute()
+        if was_tripped:
             log.info("circuit breaker closed", provider=provider.value)
-        self.redis.delete(*keys)

@@ -283,8 +283,22 @@ def stop_daemon(provider: Provider, sandbox: Sandbox) -> None:
         raise DaemonError(f"could not stop the previous daemon (exit code {result.exit_code})")
 
 
-def check_agent(client: DaemonClient, agent: str) -> None:
-    """The daemon has ``agent`` installed, at the pinned version where we pin one (``mock`` is ours)."""
+# Agents (by image and name) this process found installed at the pinned version in an image with a preinstalled
+# daemon: like the daemon's, checked on the image's first sandbox only (asking costs a request to the daemon, which
+# runs the agent's `--version`: a second or more for Claude Code).
+_PINNED_AGENTS: set[tuple[str, str]] = set()
+
+
+def agent_pinned(agent: str, *, image: str | None) -> bool:
+    """Whether ``agent`` was found installed at its pin in ``image`` already (never, without an image)."""
+    return image is not None and (image, agent) in _PINNED_AGENTS
+
+
+def check_agent(client: DaemonClient, agent: str, *, image: str | None = None) -> None:
+    """The daemon has ``agent`` installed, at the pinned version where we pin one (``mock`` is ours); with ``image``
+    (a preinstalled daemon's), once per image."""
+    if agent_pinned(agent, image=image):
+        return
     info = client.get_json(f"/v1/agents/{agent}", config="true")
     if not info.get("installed"):
         raise AgentError(
@@ -296,6 +310,8 @@ def check_agent(client: DaemonClient, agent: str) -> None:
         raise AgentError(
             f"agent {agent} in the sandbox is version {found[:80]!r}, the worker is pinned to {expected!r}"
         )
+    if image is not None:
+        _PINNED_AGENTS.add((image, agent))
 
 
 def daemon_log_tail(provider: Provider, sandbox: Sandbox, lines: int = 15) -> str:

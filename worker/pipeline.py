@@ -76,7 +76,7 @@ from worker.models import (
 from worker.pool import Claimed, Pools, binds_as_is
 from worker.redaction import REDACTOR
 from worker.retries import RetryLater, RetryPolicy
-from worker.store import SessionRecord, Store
+from worker.store import Advance, SessionRecord, Store
 from worker.teardown import Teardown
 
 log = structlog.get_logger(__name__)
@@ -127,6 +127,7 @@ class _Attempt:
     warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
     warm_as_is: bool = False  # the session uses the warm daemon, agent and session as they are (pool.binds_as_is)
     token: SecretStr | None = None
+    image: str | None = None  # the image of a new sandbox with a preinstalled daemon (its checks are made once)
     grant: CredentialGrant | None = None
     agent: AgentSetup = field(default_factory=AgentSetup)
     acp: AcpConnection | None = None
@@ -283,22 +284,38 @@ class Pipeline:
         not only of the heartbeat: a pause longer than the lease (GC, a frozen VM) may end before a beat notices.
         Both are asked in one round trip (its holder is our worker id)."""
         holder, terminating = self.store.checkpoint(attempt.record.request.request_id)
-        if attempt.lease.lost.is_set() or holder != self.worker_id:
+        self._passed(attempt, stage, lost=holder != self.worker_id, terminating=terminating)
+
+    def _passed(self, attempt: _Attempt, stage: str, *, lost: bool, terminating: bool) -> None:
+        if attempt.lease.lost.is_set() or lost:
             attempt.lease.lost.set()
             raise _LeaseLost
         if terminating:
             raise Terminated("terminated while starting", stage=stage)
 
+    def _report(self, attempt: _Attempt, stage: StageName) -> None:
+        """The checkpoint before a stage, and the record saying the stage began written only if it passes: both in
+        one round trip (Store.advance)."""
+        self._passed(attempt, stage, lost=False, terminating=False)  # a lease the heartbeat lost: write nothing
+        result = attempt.record.result
+        before = result.state, result.stage
+        result.state, result.stage = SessionState.starting, stage
+        found = self.store.advance(attempt.record, self.worker_id)
+        if found is not Advance.written:  # the record as it was kept: the stage never began
+            attempt.record.result.state, attempt.record.result.stage = before
+        self._passed(attempt, stage, lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
+        self.progress(stage, attempt.record.result)
+
     @contextlib.contextmanager
     def _stage(self, attempt: _Attempt, stage: StageName, *, quiet: bool = False) -> Iterator[None]:
         """Run one stage: checked against the lease and terminate requests, timed, and reported (the record written,
         the progress hook called) unless ``quiet``: a stage of milliseconds whose outcome the next write carries."""
-        self._checkpoint(attempt, stage)
-        attempt.record.result.state = SessionState.starting
-        attempt.record.result.stage = stage
-        if not quiet:
-            self.store.put(attempt.record)
-            self.progress(stage, attempt.record.result)
+        if quiet:
+            self._checkpoint(attempt, stage)
+            attempt.record.result.state = SessionState.starting
+            attempt.record.result.stage = stage
+        else:
+            self._report(attempt, stage)
         started = time.perf_counter()
         try:
             yield
@@ -334,11 +351,12 @@ class Pipeline:
                 self._adopt_or_remove(provider, request, attempt)
 
         with self._stage(attempt, "credentials"):
-            grant = attempt.grant = self.credentials.grant(request)
+            effective = self.credentials.effective(request)  # the tenant default, for this stage and the next
+            grant = attempt.grant = self.credentials.grant(request, effective=effective)
             attempt.mask(grant.secret_values())
 
         with self._stage(attempt, "environment"):
-            llm = llm_provider_for(request.agent, self.credentials.effective(request).credentials.llm_provider)
+            llm = llm_provider_for(request.agent, effective.credentials.llm_provider)
             attempt.agent = agent_setup(
                 request.agent,
                 llm,
@@ -637,6 +655,8 @@ class Pipeline:
         retry(start)
         if settings.daemon_install is InstallMode.upload:
             retry(lambda: daemon.check_daemon(provider, sandbox))
+        else:  # the image's daemon is checked once per image (put_daemon), and so is its agent (the session stage)
+            attempt.image = f"{provider.name}:{image or '(default)'}"
         retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
         for path, content in self._session_files(attempt, grant).items():
             retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))
@@ -681,10 +701,12 @@ class Pipeline:
         session_id = pooled.session_id if pooled is not None else None
         if pooled is not None and pooled.server_id:
             acp.attach(pooled.acp_requests)  # checked, spawned and initialized when the pool filled the sandbox
+        elif daemon.agent_pinned(request.agent.value, image=attempt.image):
+            acp.initialize(timeout=settings.session_timeout)
         else:
             # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
-                checked = background.submit(daemon.check_agent, client, request.agent.value)
+                checked = background.submit(daemon.check_agent, client, request.agent.value, image=attempt.image)
                 acp.initialize(timeout=settings.session_timeout)
                 checked.result()
         if session_id is None:

@@ -21,6 +21,7 @@ never hand the sandbox a real key (vault: a placeholder; gateway: a scoped, budg
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
@@ -39,10 +40,22 @@ class Redactor:
         self._values: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._held = threading.local()  # the forgets deferred by hold(), per thread
+        # The values longest first (a value containing another is masked whole), and each as it reads inside a JSON
+        # string: kept between changes, as every log line and record write asks for them.
+        self._sorted: list[str] = []
+        self._in_json: list[str] = []
+
+    def _changed(self) -> None:
+        """With the lock held: the registered values changed."""
+        self._sorted = sorted(self._values, key=len, reverse=True)
+        self._in_json = sorted(
+            {form for v in self._sorted for form in (json.dumps(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1])}
+        )
 
     def register(self, values: Iterable[str]) -> None:
         with self._lock:
             self._values.update(v for v in values if len(v) >= _MIN_LENGTH)
+            self._changed()
 
     def forget(self, values: Iterable[str]) -> None:
         kept = [v for v in values if len(v) >= _MIN_LENGTH]
@@ -53,6 +66,7 @@ class Redactor:
         with self._lock:
             self._values.subtract(kept)
             self._values = +self._values  # drop the values no longer registered by anyone
+            self._changed()
 
     def hold(self) -> None:
         """Until :meth:`release`, what this thread forgets stays masked (a task's own last log lines)."""
@@ -64,11 +78,15 @@ class Redactor:
         self.forget(pending)
 
     def redact(self, text: str) -> str:
-        with self._lock:
-            values = sorted(self._values, key=len, reverse=True)
-        for value in values:
+        for value in self._sorted:  # read once: a change replaces the list, never alters it
             text = text.replace(value, MASK)
         return text
+
+    def found_in_json(self, text: str) -> bool:
+        """Whether a registered value may be in the JSON document ``text`` (as it is, or escaped in a string): when
+        not, nothing in the data it encodes needs masking. May say yes where nothing needs it, never no where
+        something does."""
+        return any(form in text for form in self._in_json)
 
     def redact_data(self, data: Any) -> Any:
         """JSON-like data (dicts, lists, strings, numbers) with every string, key or value, redacted."""

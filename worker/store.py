@@ -30,6 +30,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 import redis
@@ -182,11 +183,37 @@ class Rekey:
             self.raced += values
 
 
+# A record's write with its indexes and the wake-up of its waiters, in one round trip; with a holder, only while it
+# holds the request's lease and no client asked to end it (a bring-up's checkpoint). KEYS: session, active, live,
+# lease, terminate. ARGV: record, expiry (s; 0: none), request id, updated_at, deadline ('' once over: off the live
+# index), '1' when unfinished (on the active index), channel, holder ('': no check).
+_WRITE = """
+if ARGV[8] ~= '' then
+  if redis.call('GET', KEYS[4]) ~= ARGV[8] then return 1 end
+  if redis.call('EXISTS', KEYS[5]) == 1 then return 2 end
+end
+if ARGV[2] ~= '0' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end
+if ARGV[6] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) else redis.call('ZREM', KEYS[2], ARGV[3]) end
+if ARGV[5] == '' then redis.call('ZREM', KEYS[3], ARGV[3]) else redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3]) end
+redis.call('PUBLISH', ARGV[7], '')
+return 0
+"""
+
+
+class Advance(IntEnum):
+    """What :meth:`Store.advance` found."""
+
+    written = 0
+    lease_lost = 1  # the holder no longer holds the lease: nothing written
+    terminating = 2  # a client asked to end the request: nothing written
+
+
 class Store:
     def __init__(self, client: redis.Redis, cipher: Cipher, *, retention_seconds: int = 7 * 24 * 3600) -> None:
         self.redis = client
         self.cipher = cipher
         self.retention_seconds = retention_seconds
+        self._write_script = client.register_script(_WRITE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -225,15 +252,33 @@ class Store:
     def put(self, record: SessionRecord) -> None:
         """Write ``record``. Its result holds what the sandbox sent (a reply, tool calls, session id, errors): it
         is redacted here, in place, so the record and whatever returns ``record.result`` are masked alike."""
-        record.result = SessionResult.model_validate(REDACTOR.redact_data(record.result.model_dump(mode="json")))
+        self._write(record, holder="")
+
+    def advance(self, record: SessionRecord, holder: str) -> Advance:
+        """A bring-up's checkpoint and its record's write in one step (one round trip, atomic): :meth:`put` only if
+        ``holder`` holds the lease on the request and no client asked to end it; otherwise nothing is written."""
+        return self._write(record, holder=holder)
+
+    def _write(self, record: SessionRecord, *, holder: str) -> Advance:
         record.result.updated_at = time.time()
-        request_id = record.request.request_id
-        expiry = self.retention_seconds if record.result.state in _OVER else None
-        pipe = self.redis.pipeline()
-        pipe.set(f"{PREFIX}session:{request_id}", record.model_dump_json(), ex=expiry)
-        self._index(pipe, record)
-        pipe.publish(f"{PREFIX}updated:{request_id}", "")
-        pipe.execute()
+        document = record.model_dump_json()
+        if REDACTOR.found_in_json(document):
+            record.result = SessionResult.model_validate(REDACTOR.redact_data(record.result.model_dump(mode="json")))
+            document = record.model_dump_json()
+        request_id, state = record.request.request_id, record.result.state
+        keys = [f"{PREFIX}session:{request_id}", f"{PREFIX}active", f"{PREFIX}live"]
+        keys += [f"{PREFIX}lease:{request_id}", f"{PREFIX}terminate:{request_id}"]
+        args: list[str | int] = [
+            document,
+            self.retention_seconds if state in _OVER else 0,
+            request_id,
+            repr(record.result.updated_at),
+            "" if state in _OVER else repr(record.deadline),
+            "1" if state in _UNFINISHED else "0",
+            f"{PREFIX}updated:{request_id}",
+            holder,
+        ]
+        return Advance(int(self._write_script(keys=keys, args=args)))
 
     @staticmethod
     def _index(pipe: redis.client.Pipeline, record: SessionRecord) -> None:

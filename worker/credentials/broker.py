@@ -65,8 +65,10 @@ class CredentialBroker:
             )
         return chosen
 
-    def grant(self, request: SessionRequest) -> CredentialGrant:
-        effective = self.effective(request)  # one read of the tenant default per grant
+    def grant(self, request: SessionRequest, *, effective: SessionRequest | None = None) -> CredentialGrant:
+        """The credentials of ``request``; ``effective`` is ``self.effective(request)`` where the caller read it
+        already (the tenant default is read once per bring-up)."""
+        effective = effective or self.effective(request)
         name = self._strategy_of(effective)
         try:
             strategy = self.strategies[name]

@@ -5,6 +5,7 @@ count against the sandbox quota, and the reaper neither kills live entries nor l
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -249,21 +250,25 @@ def _vault_settings() -> Settings:
     return settings.model_copy(update={"credentials": settings.credentials.model_copy(update={"egress": egress})})
 
 
-def _vault_entry(env: dict[str, SecretStr | str]) -> PoolEntry:
+def _entry(target: PoolTarget, env: Mapping[str, SecretStr | str], **fields: Any) -> PoolEntry:
+    """An entry of ``target`` whose daemon runs with ``env``."""
     return PoolEntry(
         entry_id="e1",
-        pool=pool_name(VAULT_TARGET),
+        pool=pool_name(target),
         provider=DOCKER,
         sandbox_id="s1",
         labels={},
         token="t",
-        strategy=Strategy("vault"),
         env={k: v for k, v in env.items() if isinstance(v, str)},
-        secret_env=sorted(k for k, v in env.items() if not isinstance(v, str)),
-        placeholder="sealed",
         created_at=0,
         expires_at=0,
+        **fields,
     )
+
+
+def _vault_entry(env: dict[str, SecretStr | str]) -> PoolEntry:
+    secret_env = sorted(k for k, v in env.items() if not isinstance(v, str))
+    return _entry(VAULT_TARGET, env, strategy=Strategy("vault"), secret_env=secret_env, placeholder="sealed")
 
 
 @pytest.mark.parametrize(
@@ -317,19 +322,7 @@ GATEWAY_TARGET = PoolTarget.model_validate(
 
 def _gateway_entry() -> PoolEntry:
     pooled = pool_environment(GATEWAY_TARGET, get_settings())
-    return PoolEntry(
-        entry_id="e1",
-        pool=pool_name(GATEWAY_TARGET),
-        provider=DOCKER,
-        sandbox_id="s1",
-        labels={},
-        token="t",
-        env={k: v for k, v in pooled.env.items() if isinstance(v, str)},
-        server_id="sw-pool-e1",
-        binding="acp-gateway",
-        created_at=0,
-        expires_at=0,
-    )
+    return _entry(GATEWAY_TARGET, pooled.env, server_id="sw-pool-e1", binding="acp-gateway")
 
 
 def test_an_acp_gateway_pool_starts_claude_with_its_switches_and_no_key() -> None:

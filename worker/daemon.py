@@ -90,11 +90,16 @@ def put_daemon(provider: Provider, sandbox: Sandbox, mode: InstallMode, binary: 
         provider.upload(sandbox, DAEMON_PATH, binary.read_bytes(), mode=0o755)
         provider.upload(sandbox, FRONT_PATH, front_script(), mode=0o755)
         return
-    key = f"{provider.name}:{image or '(default)'}"
+    key = image_key(provider, image)
     if key not in _IMAGE_FRONTS:
         _IMAGE_FRONTS[key] = _check_image(provider, sandbox)
     if not _IMAGE_FRONTS[key]:
         provider.upload(sandbox, FRONT_PATH, front_script(), mode=0o755)
+
+
+def image_key(provider: Provider, image: str | None) -> str:
+    """An image as the once-per-image checks know it: by provider and name (``None``: the provider's default)."""
+    return f"{provider.name}:{image or '(default)'}"
 
 
 # Images (by provider and name) whose daemon this process found to be the pinned version, and whether their front is

@@ -656,7 +656,7 @@ class Pipeline:
         if settings.daemon_install is InstallMode.upload:
             retry(lambda: daemon.check_daemon(provider, sandbox))
         else:  # the image's daemon is checked once per image (put_daemon), and so is its agent (the session stage)
-            attempt.image = f"{provider.name}:{image or '(default)'}"
+            attempt.image = daemon.image_key(provider, image)
         retry(lambda: daemon.install_agent(provider, sandbox, request.agent.value, settings.daemon_install))
         for path, content in self._session_files(attempt, grant).items():
             retry(functools.partial(provider.upload, sandbox, path, content, mode=0o600))

@@ -191,7 +191,8 @@ class PoolSetup:
 
 
 def pool_environment(target: PoolTarget, settings: Settings) -> PoolSetup:
-    """Nothing for a target without a strategy; for an acp-gateway target the agent's switches; for a vault target what a vault session's grant and agent setup give
+    """Nothing for a target without a strategy; for an acp-gateway target the agent's switches; for a vault target
+    what a vault session's grant and agent setup give
     it (the egress proxy's URL for the target's LLM, the agent's switches and headless mode), with a fresh placeholder
     bound to nothing as its key."""
     provider = llm_provider_for(target.agent, None)

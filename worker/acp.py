@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from httpx_sse import connect_sse
 from pydantic import SecretStr
 
 from worker.daemon import DaemonClient, raise_for_problem
@@ -53,6 +52,9 @@ STREAM_CATCH_UP = 5.0
 
 # Consecutive failures to (re)open the event stream, ~0.1 s apart, before the daemon counts as lost.
 STREAM_FAILURES = 20
+
+# The event stream's read timeout is how often its reader looks at the stop flag.
+_STREAM_TIMEOUT = httpx.Timeout(10.0, read=1.0)
 
 PERMISSION_ANSWERS: dict[PermissionPolicy, PermissionAnswer] = {
     PermissionPolicy.approve: approve_permissions,
@@ -296,9 +298,10 @@ class AcpConnection:
         self, envelope: dict[str, Any], query: Mapping[str, str] | None = None, timeout: float = 30.0
     ) -> httpx.Response | None:
         try:
-            return self.client.http.post(
+            return self.client.request(
+                "POST",
                 self._path,
-                params=dict(query or {}),
+                params=query or None,
                 content=json.dumps(envelope),
                 headers={"Content-Type": "application/json", "Accept": "application/json"},
                 timeout=timeout,
@@ -316,9 +319,7 @@ class AcpConnection:
                 headers["Last-Event-ID"] = self._inbox.last_event_id
             problem = None
             try:
-                with connect_sse(
-                    self.client.http, "GET", self._path, headers=headers, timeout=httpx.Timeout(10.0, read=1.0)
-                ) as events:
+                with self.client.events(self._path, headers=headers, timeout=_STREAM_TIMEOUT) as events:
                     if events.response.status_code == 200:
                         failures = 0
                         for event in events.iter_sse():

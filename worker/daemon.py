@@ -21,7 +21,6 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator, Mapping
-from http.cookiejar import CookieJar
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -344,11 +343,27 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-class _NoCookies(CookieJar):
-    """The shared client keeps no cookie: one daemon's (or its edge's) must never be sent to another's sandbox."""
+class _NoCookies(httpx.Cookies):
+    """Cookies that are never kept: see :class:`_Client`."""
 
-    def extract_cookies(self, response: Any, request: Any) -> None:
+    def extract_cookies(self, response: httpx.Response) -> None:
         return None
+
+
+class _Client(httpx.Client):
+    """An httpx client that keeps no cookie: one shared by every daemon must never carry one daemon's (or its
+    edge's) to another's sandbox. It also spares httpx's reading of every response into the client's cookie jar
+    (~15% of its CPU per request: urllib request objects built for the standard library's cookie jar)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        raise TypeError("the daemon client keeps no cookies")
 
 
 @functools.cache
@@ -357,10 +372,9 @@ def _shared_http() -> httpx.Client:
     settings from the environment, headers, transport) and a new connection for each of the session's requests
     and its event stream; the connection pool is shared instead, each request carrying its daemon's headers and
     full URL. No connection limit: an event stream holds its connection while it is read."""
-    return httpx.Client(
+    return _Client(
         verify=_tls(),
         follow_redirects=False,
-        cookies=_NoCookies(),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
     )
 
@@ -399,11 +413,7 @@ class DaemonClient:
         self._own = transport is not None
         self._closed = False
         self._streams: set[httpx.Response] = set()
-        self._http = (
-            httpx.Client(transport=transport, follow_redirects=False, cookies=_NoCookies())
-            if transport is not None
-            else _shared_http()
-        )
+        self._http = _Client(transport=transport, follow_redirects=False) if transport is not None else _shared_http()
 
     def __repr__(self) -> str:
         return f"DaemonClient({self.endpoint.url!r})"

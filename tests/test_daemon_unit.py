@@ -286,3 +286,25 @@ def test_closing_a_client_ends_its_event_stream_at_once() -> None:
         wait_for(lambda: got == ["1"], timeout=10)
         client.close()
         assert ended.wait(timeout=60)  # the read timeout is ten minutes
+
+
+def test_a_detached_connection_sends_nothing_more() -> None:
+    """POSTs run on threads shared by the process's connections: one detached sends no request after it."""
+    posted: list[str] = []
+    inner = _acp_transport(stream_delay=0.0)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posted.append(json.loads(request.content)["method"])
+        return inner.handle_request(request)
+
+    client = DaemonClient(Endpoint("http://daemon"), SecretStr("t"), transport=httpx.MockTransport(handler))
+    acp = AcpConnection(client, "srv", "mock")
+    try:
+        acp.initialize(timeout=5)
+        acp.detach()
+        with pytest.raises(RuntimeError, match="detached"):
+            acp.new_session("/workspace", timeout=5)
+        assert posted == ["initialize"]
+    finally:
+        client.close()

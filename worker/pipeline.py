@@ -293,32 +293,24 @@ class Pipeline:
         if terminating:
             raise Terminated("terminated while starting", stage=stage)
 
-    def _report(
-        self, attempt: _Attempt, stage: StageName, *, state: SessionState = SessionState.starting, progress: bool = True
-    ) -> None:
-        """The checkpoint before a stage, and the record saying the stage began (or, with ``state`` ready, that the
-        session is ready) written only if it passes: both in one round trip (Store.advance)."""
+    def _report(self, attempt: _Attempt, stage: StageName) -> None:
+        """The checkpoint before a stage, and the record saying the stage began written only if it passes: both in
+        one round trip (Store.advance)."""
         self._passed(attempt, stage, lost=False, terminating=False)  # a lease the heartbeat lost: write nothing
         result = attempt.record.result
         before = result.state, result.stage
-        result.state, result.stage = state, stage
+        result.state, result.stage = SessionState.starting, stage
         found = self.store.advance(attempt.record, self.worker_id)
         if found is not Advance.written:  # the record as it was kept: the stage never began
             attempt.record.result.state, attempt.record.result.stage = before
         self._passed(attempt, stage, lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
-        if progress:
-            self.progress(stage, attempt.record.result)
+        self.progress(stage, attempt.record.result)
 
     @contextlib.contextmanager
-    def _stage(
-        self, attempt: _Attempt, stage: StageName, *, quiet: bool = False, checked_after: bool = False
-    ) -> Iterator[None]:
+    def _stage(self, attempt: _Attempt, stage: StageName, *, quiet: bool = False) -> Iterator[None]:
         """Run one stage: checked against the lease and terminate requests, timed, and reported (the record written,
-        the progress hook called) unless ``quiet``: a stage of milliseconds whose outcome the next write carries.
-        ``checked_after``: the stage's check is the caller's write after it (the ready stage's), nothing before."""
-        if checked_after:
-            attempt.record.result.stage = stage
-        elif quiet:
+        the progress hook called) unless ``quiet``: a stage of milliseconds whose outcome the next write carries."""
+        if quiet:
             self._checkpoint(attempt, stage)
             attempt.record.result.state = SessionState.starting
             attempt.record.result.stage = stage
@@ -393,12 +385,11 @@ class Pipeline:
             with self._stage(attempt, "session", quiet=made and not request.session.prompt):
                 self._open_session(request, attempt, client)
 
-        # The ready record is written only while the lease is ours and no terminate is asked: the ready stage's
-        # checkpoint and its write in one round trip.
-        with self._stage(attempt, "ready", checked_after=True):
+        with self._stage(attempt, "ready", quiet=attempt.warm_as_is):
+            record.result.state = SessionState.ready
             record.result.error = None
             record.result.ready_at = time.time()
-        self._report(attempt, "ready", state=SessionState.ready, progress=not attempt.warm_as_is)
+        self.store.put(record)
         log.info("session ready", sandbox_id=sandbox.sandbox_id, timings_ms=attempt.timings)
         return record.result
 
@@ -793,7 +784,6 @@ class Pipeline:
         message = error.message = REDACTOR.redact(error.message)
         record.result.sandbox_id = None
         record.result.daemon_url = None
-        record.result.ready_at = None  # set before the ready write, which a terminate request may have refused
         record.forget_daemon()
         record.result.error = ErrorInfo(code=error.code, stage=stage, message=message, field=error.field)
         if isinstance(error, Terminated):

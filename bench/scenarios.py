@@ -133,19 +133,19 @@ def warm_mock_env(bench: Bench) -> Row:
 
 
 def warm_claude(bench: Bench) -> Row:
-    """Claude Code for sessions with a key in env (here the shared key): the pooled agent runs with no key,
-    initialized with the gateway auth capability; the claim sends the key with ACP authenticate, then session/new."""
+    """Claude Code for sessions with a key in env (here the shared key): the pooled agent and its session run
+    pointed at the daemon front's LLM relay with nobody's key; the claim gives the relay the session's key."""
     return _warm(
         bench,
         "claude",
         "warm-claude",
-        "shared key over ACP: authenticate (gateway) + session/new on the pooled agent, no restart",
-        target={"binding": "acp-gateway"},
+        "shared key bound at the front's LLM relay: pooled agent and session as they are, no restart",
+        target={"binding": "llm-relay"},
     )
 
 
 def warm_claude_restart(bench: Bench) -> Row:
-    """The same sessions from a target without a binding: what they cost before binding over ACP."""
+    """The same sessions from a target without a binding: what they cost without the relay."""
     return _warm(
         bench, "claude", "warm-claude-restart", "shared key: the daemon replaced with the session's environment"
     )

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from providers.fake import FakeProvider, StandInDaemons
-from worker.agents import agent_setup, gateway_auth
+from worker.agents import agent_setup, relay_binding
 from worker.config import PoolSettings, PoolTarget, Settings, get_settings
 from worker.credentials.agents import CREDENTIAL_VARIABLES, KeyAuth, token_grant
 from worker.credentials.base import CredentialGrant
@@ -23,7 +23,15 @@ from worker.environment import SessionEnvironment, daemon_environment
 from worker.limits import Limits, Semaphore
 from worker.models import Agent, LLMProvider, ProviderName, SessionRequest, SessionState, Strategy
 from worker.pipeline import Pipeline
-from worker.pool import LABEL_POOL_ENTRY, PoolEntry, Pools, binds_as_is, pool_environment, pool_name
+from worker.pool import (
+    LABEL_POOL_ENTRY,
+    RELAY_KEY,
+    PoolEntry,
+    Pools,
+    binds_as_is,
+    pool_environment,
+    pool_name,
+)
 from worker.reaper import Reaper
 from worker.secret_store import SecretStore
 from worker.store import Store
@@ -315,33 +323,36 @@ def test_a_pool_target_binds_only_the_vault_strategy() -> None:
         PoolTarget.model_validate({"provider": "docker", "agent": "claude", "size": 1, "strategy": "byok"})
 
 
-GATEWAY_TARGET = PoolTarget.model_validate(
-    {"provider": "docker", "agent": "claude", "size": 1, "binding": "acp-gateway"}
-)
+RELAY_TARGET = PoolTarget.model_validate({"provider": "docker", "agent": "claude", "size": 1, "binding": "llm-relay"})
 
 
-def _gateway_entry() -> PoolEntry:
-    pooled = pool_environment(GATEWAY_TARGET, get_settings())
-    return _entry(GATEWAY_TARGET, pooled.env, server_id="sw-pool-e1", binding="acp-gateway")
+def _relay_entry() -> PoolEntry:
+    pooled = pool_environment(RELAY_TARGET, get_settings())
+    return _entry(RELAY_TARGET, pooled.env, server_id="sw-pool-e1", binding="llm-relay")
 
 
-def test_an_acp_gateway_pool_starts_claude_with_its_switches_and_no_key() -> None:
-    pooled = pool_environment(GATEWAY_TARGET, get_settings())
+def test_an_llm_relay_pool_starts_claude_with_its_switches_pointed_at_the_relay_with_nobodys_key() -> None:
+    settings = get_settings()
+    pooled = pool_environment(RELAY_TARGET, settings)
     assert pooled.placeholder is None and all(isinstance(value, str) for value in pooled.env.values())
     assert pooled.env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
-    assert not set(pooled.env) & (CREDENTIAL_VARIABLES | {"ANTHROPIC_AUTH_TOKEN"})
-    assert pool_name(GATEWAY_TARGET) != pool_name(GATEWAY_TARGET.model_copy(update={"binding": None}))
+    assert {name: pooled.env[name] for name in set(pooled.env) & CREDENTIAL_VARIABLES} == {
+        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{settings.daemon_port + 2}",
+        "ANTHROPIC_API_KEY": RELAY_KEY,
+    }
+    assert "ANTHROPIC_AUTH_TOKEN" not in pooled.env and pooled.mode == "bypassPermissions"
+    assert pool_name(RELAY_TARGET) != pool_name(RELAY_TARGET.model_copy(update={"binding": None}))
 
 
 @pytest.mark.parametrize(
     "target",
     [
-        {"agent": "mock", "binding": "acp-gateway"},
-        {"agent": "claude", "binding": "acp-gateway", "strategy": "vault"},
+        {"agent": "mock", "binding": "llm-relay"},
+        {"agent": "claude", "binding": "llm-relay", "strategy": "vault"},
         {"agent": "claude", "binding": "restart"},
     ],
 )
-def test_an_acp_gateway_binding_is_claude_codes_without_a_strategy(target: dict[str, str]) -> None:
+def test_an_llm_relay_binding_is_claude_codes_without_a_strategy(target: dict[str, str]) -> None:
     with pytest.raises(ValidationError):
         PoolTarget.model_validate({"provider": "docker", "size": 1, **target})
 
@@ -357,17 +368,17 @@ def test_a_key_or_bearer_grant_becomes_the_headers_claude_code_would_send(
     auth: KeyAuth, base_url: str | None, header: str, value: str
 ) -> None:
     grant = token_grant(Strategy("shared"), LLMProvider.anthropic, SecretStr("sk-tenant"), auth=auth, base_url=base_url)
-    found = gateway_auth(grant)
+    found = relay_binding(grant)
     assert found is not None
     assert found.base_url == (base_url or "https://api.anthropic.com")
     assert {name: secret.get_secret_value() for name, secret in found.headers.items()} == {header: value}
     assert "sk-tenant" not in repr(found)
 
 
-def test_an_oauth_token_or_a_credentials_file_does_not_bind_over_acp() -> None:
+def test_an_oauth_token_or_a_credentials_file_does_not_bind_through_the_relay() -> None:
     oauth = token_grant(Strategy("subscription"), LLMProvider.anthropic, SecretStr("sk-ant-oat"), auth=KeyAuth.oauth)
     files = CredentialGrant(Strategy("subscription"), files={".claude/x.json": SecretStr("{}")})
-    assert gateway_auth(oauth) is None and gateway_auth(files) is None
+    assert relay_binding(oauth) is None and relay_binding(files) is None
 
 
 @pytest.mark.parametrize(
@@ -380,21 +391,21 @@ def test_an_oauth_token_or_a_credentials_file_does_not_bind_over_acp() -> None:
         ("shared", KeyAuth.api_key, {}, "/tmp", False),
     ],
 )
-def test_a_session_like_an_acp_gateway_pools_but_for_its_key_uses_its_daemon_as_it_is(
+def test_a_session_like_an_llm_relay_pools_but_for_its_key_uses_its_daemon_as_it_is(
     strategy: str, auth: KeyAuth, user_env: dict[str, str], cwd: str, as_is: bool
 ) -> None:
     grant = token_grant(
         Strategy(strategy), LLMProvider.anthropic, SecretStr("sk-tenant"), auth=auth, base_url="https://llm.example"
     )
-    assert _binds_as_is(grant, user_env, cwd, _gateway_entry()) is as_is
+    assert _binds_as_is(grant, user_env, cwd, _relay_entry()) is as_is
 
 
-def test_a_key_session_prefers_the_acp_gateway_pool_and_a_vault_session_the_vault_pool(store: Store) -> None:
-    plain = GATEWAY_TARGET.model_copy(update={"binding": None})
-    settings = get_settings().model_copy(update={"pool": PoolSettings(targets=[plain, VAULT_TARGET, GATEWAY_TARGET])})
+def test_a_key_session_prefers_the_llm_relay_pool_and_a_vault_session_the_vault_pool(store: Store) -> None:
+    plain = RELAY_TARGET.model_copy(update={"binding": None})
+    settings = get_settings().model_copy(update={"pool": PoolSettings(targets=[plain, VAULT_TARGET, RELAY_TARGET])})
     pools = Pools(settings, store, lambda _name: FakeProvider(), Limits(store.redis, settings.fleet, 30))
     request = SessionRequest.model_validate({"tenant_id": "acme", "agent": "claude", "provider": "docker"})
-    assert pools.target_for(request, Strategy("shared")) == GATEWAY_TARGET
+    assert pools.target_for(request, Strategy("shared")) == RELAY_TARGET
     assert pools.target_for(request, Strategy("vault")) == VAULT_TARGET
 
 

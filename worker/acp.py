@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
 
 from worker.daemon import DaemonClient, raise_for_problem
 from worker.errors import AgentError, DaemonUnreachable, LLMAuthFailed, LLMRateLimited
 from worker.models import PermissionPolicy
-
-GATEWAY_AUTH = "gateway"  # Claude Code's ACP auth method for a custom Anthropic-protocol endpoint
 
 PermissionAnswer = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -167,12 +164,8 @@ class AcpConnection:
         # caller closes the client under it.
 
     # -- requests ---------------------------------------------------------------------------------------
-    def initialize(self, timeout: float, *, gateway: bool = False) -> dict[str, Any]:
-        """``gateway``: advertise the gateway auth capability, so Claude Code offers ``authenticate`` with
-        :data:`GATEWAY_AUTH` (per-session credentials over ACP, :meth:`authenticate_gateway`)."""
-        params: dict[str, Any] = {"protocolVersion": 1, "clientInfo": {"name": "sandbox-worker", "version": "1"}}
-        if gateway:
-            params["clientCapabilities"] = {"auth": {"_meta": {"gateway": True}}}
+    def initialize(self, timeout: float) -> dict[str, Any]:
+        params = {"protocolVersion": 1, "clientInfo": {"name": "sandbox-worker", "version": "1"}}
         # The first POST creates the server and must name the agent; the SSE stream exists only after it.
         result = self.request("initialize", params, timeout=timeout, query={"agent": self.agent})
         self._reader = threading.Thread(target=self._read_events, name=f"acp-sse-{self.server_id}", daemon=True)
@@ -213,16 +206,6 @@ class AcpConnection:
 
     def authenticate(self, method_id: str, timeout: float) -> None:
         self.request("authenticate", {"methodId": method_id}, timeout=timeout)
-
-    def authenticate_gateway(self, base_url: str, headers: Mapping[str, SecretStr | str], timeout: float) -> None:
-        """Bind the agent to an LLM endpoint and the headers its model requests carry (the session's credential).
-        Claude Code applies it to the sessions created after it, not to one it already has. The request body holds
-        the credential: it is built here and sent, never logged."""
-        plain = {
-            name: value.get_secret_value() if isinstance(value, SecretStr) else value for name, value in headers.items()
-        }
-        params = {"methodId": GATEWAY_AUTH, "_meta": {"gateway": {"baseUrl": base_url, "headers": plain}}}
-        self.request("authenticate", params, timeout=timeout)
 
     def prompt(self, session_id: str, text: str, timeout: float) -> Turn:
         """Send a prompt and return what the agent did in this turn."""

@@ -130,8 +130,8 @@ def agent_setup(
 
 # The header Claude Code presents each credential variable of an Anthropic grant in (name, value prefix). Not
 # CLAUDE_CODE_OAUTH_TOKEN: Claude Code sends a subscription's OAuth token with its own beta header and account checks,
-# which a gateway header would skip, so such a grant keeps the token in env.
-_GATEWAY_HEADERS: dict[str, tuple[str, str]] = {
+# which a relay's header would skip, so such a grant keeps the token in env.
+_RELAY_HEADERS: dict[str, tuple[str, str]] = {
     "ANTHROPIC_API_KEY": ("x-api-key", ""),
     "CLAUDE_API_KEY": ("x-api-key", ""),
     "ANTHROPIC_AUTH_TOKEN": ("Authorization", "Bearer "),
@@ -139,28 +139,28 @@ _GATEWAY_HEADERS: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class GatewayAuth:
-    """A Claude Code session's credential given over ACP (``authenticate``, method gateway) instead of in env: the
-    endpoint and the headers its model requests carry."""
+class RelayBinding:
+    """A Claude Code session's credential given to the daemon front's LLM relay instead of in env
+    (:meth:`worker.daemon.DaemonClient.bind_llm`): the endpoint and the headers its model requests carry."""
 
     base_url: str
     headers: dict[str, SecretStr]
 
     def __repr__(self) -> str:
-        return f"GatewayAuth(base_url={self.base_url!r}, headers={sorted(self.headers)!r})"
+        return f"RelayBinding(base_url={self.base_url!r}, headers={sorted(self.headers)!r})"
 
 
-def gateway_auth(grant: CredentialGrant) -> GatewayAuth | None:
-    """``grant`` as Claude Code's gateway auth, the headers it would have sent from env; None when the grant holds
-    anything else (files, an OAuth token, another variable)."""
+def relay_binding(grant: CredentialGrant) -> RelayBinding | None:
+    """``grant`` as the relay takes it: the endpoint, and the headers Claude Code would have sent from env; None when
+    the grant holds anything else (files, an OAuth token, another variable)."""
     base_url_variable = BASE_URL_VARIABLES[LLMProvider.anthropic]
     if grant.files or not grant.env or set(grant.plain_env) - {base_url_variable}:
         return None
     headers: dict[str, SecretStr] = {}
     for name, value in grant.env.items():
-        if name not in _GATEWAY_HEADERS:
+        if name not in _RELAY_HEADERS:
             return None
-        header, prefix = _GATEWAY_HEADERS[name]
+        header, prefix = _RELAY_HEADERS[name]
         headers[header] = SecretStr(prefix + value.get_secret_value())
     base_url = grant.plain_env.get(base_url_variable, DEFAULT_BASE_URLS[LLMProvider.anthropic])
-    return GatewayAuth(base_url, headers)
+    return RelayBinding(base_url, headers)

@@ -65,7 +65,7 @@ class CredentialsSettings(SettingsBlock):
         return block
 
 
-PoolBinding = Literal["acp-gateway"]  # how a pool target's sessions bind a credential, besides its strategy
+PoolBinding = Literal["llm-relay"]  # how a pool target's sessions bind a credential, besides its strategy
 
 
 class PoolTarget(BaseModel):
@@ -86,10 +86,10 @@ class PoolTarget(BaseModel):
     )
     binding: PoolBinding | None = Field(
         None,
-        description="acp-gateway (agent claude, no strategy): the pooled Claude Code runs with no key, ACP-initialized "
-        "with the gateway auth capability; a session whose grant is an API key or bearer token in env (shared, "
-        "byok, gateway, a subscription's API key) binds it at the claim with ACP authenticate (method gateway), "
-        "then session/new, with no daemon restart (worker/pool.py).",
+        description="llm-relay (agent claude, no strategy): the pooled Claude Code, its session made, talks to its LLM "
+        "through the daemon front's relay on the sandbox's loopback, with a key that is nobody's; a session whose "
+        "grant is an API key or bearer token in env (shared, byok, gateway, a subscription's API key) binds it at "
+        "the claim by giving the relay its endpoint and headers, with no daemon restart (worker/pool.py).",
     )
     llm_base_url: str | None = Field(
         None,
@@ -107,7 +107,7 @@ class PoolTarget(BaseModel):
     @model_validator(mode="after")
     def _gateway_binding(self) -> PoolTarget:
         if self.binding is not None and (self.agent is not Agent.claude or self.strategy is not None):
-            raise ValueError("binding acp-gateway is Claude Code's (agent claude) and takes no strategy")
+            raise ValueError("binding llm-relay is Claude Code's (agent claude) and takes no strategy")
         return self
 
 

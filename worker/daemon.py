@@ -47,6 +47,7 @@ MOCK_AGENT_ASSET = "mock-acp"
 # the sandbox's loopback, one port up, with no token on its command line.
 FRONT_ASSET = "daemon-front"
 FRONT_PATH = "/usr/local/lib/sandbox-worker/daemon-front"
+LLM_BINDING_PATH = "/sandbox-worker/v1/llm-binding"  # answered by the front (worker/assets/daemon-front)
 
 
 def new_token() -> SecretStr:
@@ -70,6 +71,11 @@ def front_script() -> bytes:
 def loopback_port(port: int) -> int:
     """Where the daemon listens on the sandbox's loopback, behind the front on ``port``."""
     return port + 1 if port < 65535 else port - 1
+
+
+def relay_url(port: int) -> str:
+    """The front's LLM relay on the sandbox's loopback (:func:`bind_llm`), next to the daemon's port."""
+    return f"http://127.0.0.1:{port + 2 if port < 65534 else port - 2}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -184,7 +190,7 @@ def _front_env(token: SecretStr, port: int) -> dict[str, str]:
 
 
 def _front_ports(port: int) -> list[str]:
-    return [str(port), str(loopback_port(port))]
+    return [str(port), str(loopback_port(port)), relay_url(port).rpartition(":")[2]]
 
 
 def _server_argv(port: int) -> list[str]:
@@ -255,11 +261,12 @@ for pid in $(pids); do kill -KILL "$pid" 2>/dev/null; done
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Starts the front (``SW_FRONT``: its path and ports) with the token and nothing else in its environment (no session
-# credential, no PYTHON* variable: -I), and becomes the daemon (``$0 "$@"``), which holds neither of the front's
-# variables: one command in the sandbox for both.
+# Starts the front (``SW_FRONT``: its path and ports) with the token and the sandbox's proxy (its LLM relay's way out)
+# and nothing else in its environment (no session credential, no PYTHON* variable: -I), and becomes the daemon
+# (``$0 "$@"``), which holds neither of the front's variables: one command in the sandbox for both.
 _START_DAEMON = rf"""
-env -i PATH={_PATH} SANDBOX_WORKER_DAEMON_TOKEN="$SW_FRONT_TOKEN" python3 -I -S $SW_FRONT &
+env -i PATH={_PATH} SANDBOX_WORKER_DAEMON_TOKEN="$SW_FRONT_TOKEN" HTTPS_PROXY="${{HTTPS_PROXY:-}}" \
+  NO_PROXY="${{NO_PROXY:-}}" python3 -I -S $SW_FRONT &
 unset SW_FRONT SW_FRONT_TOKEN
 exec "$0" "$@"
 """
@@ -515,6 +522,18 @@ class DaemonClient:
     def agents(self) -> list[dict[str, Any]]:
         agents: list[dict[str, Any]] = self.get_json("/v1/agents")["agents"]
         return agents
+
+    def bind_llm(self, base_url: str, headers: Mapping[str, SecretStr]) -> None:
+        """Give the front's LLM relay (:func:`relay_url`) the session's endpoint and auth headers: the agent's requests
+        to the relay go there from now on, with these headers. The front answers this itself (204); the daemon never
+        sees it."""
+        body = {"base_url": base_url, "headers": {name: value.get_secret_value() for name, value in headers.items()}}
+        try:
+            response = self.request("PUT", LLM_BINDING_PATH, json=body)
+        except httpx.TransportError as exc:
+            raise DaemonUnreachable(f"PUT {LLM_BINDING_PATH}: {type(exc).__name__}") from exc
+        if response.status_code != 204:
+            raise DaemonError(f"the daemon's front refused the LLM binding: {response.status_code}")
 
 
 def raise_for_problem(response: httpx.Response) -> None:

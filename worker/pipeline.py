@@ -40,7 +40,7 @@ from providers.base import (
 )
 from worker import daemon, failover, metrics
 from worker.acp import AcpConnection
-from worker.agents import HOME, AgentSetup, agent_setup, gateway_auth
+from worker.agents import HOME, AgentSetup, agent_setup, relay_binding
 from worker.breaker import Breaker
 from worker.config import Settings
 from worker.credentials.agents import llm_provider_for
@@ -375,8 +375,7 @@ class Pipeline:
                 structlog.contextvars.bind_contextvars(provider=provider.name, sandbox_id=sandbox.sandbox_id)
                 grant = self._bind_credentials(request, attempt, sandbox, grant, environment)
 
-            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write
-            # (not a session to make at the claim: an acp-gateway pool's).
+            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write.
             with self._stage(attempt, "daemon", quiet=attempt.warm_as_is):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
@@ -701,6 +700,13 @@ class Pipeline:
         session_id = pooled.session_id if pooled is not None else None
         if pooled is not None and pooled.server_id:
             acp.attach(pooled.acp_requests)  # checked, spawned and initialized when the pool filled the sandbox
+            if pooled.binding is not None:
+                # The credential goes to the front's relay (pool.binds_as_is checked that it can): its values were
+                # masked at the credentials stage, and the request carrying them is not logged.
+                assert attempt.grant is not None
+                relay = relay_binding(attempt.grant)
+                assert relay is not None
+                client.bind_llm(relay.base_url, relay.headers)
         elif daemon.agent_pinned(request.agent.value, image=attempt.image):
             acp.initialize(timeout=settings.session_timeout)
         else:
@@ -710,14 +716,7 @@ class Pipeline:
                 acp.initialize(timeout=settings.session_timeout)
                 checked.result()
         if session_id is None:
-            if pooled is not None and pooled.binding is not None:
-                # The credential binds over ACP (pool.binds_as_is checked that it can): its values were masked at the
-                # credentials stage, and the request carrying them is not logged.
-                assert attempt.grant is not None
-                auth = gateway_auth(attempt.grant)
-                assert auth is not None
-                acp.authenticate_gateway(auth.base_url, auth.headers, timeout=settings.session_timeout)
-            elif attempt.agent.auth_method:
+            if attempt.agent.auth_method:
                 acp.authenticate(attempt.agent.auth_method, timeout=settings.session_timeout)
             session_id = acp.new_session(request.session.cwd, timeout=settings.session_timeout)
         mode = request.session.mode or attempt.agent.mode

@@ -13,22 +13,24 @@ empty, or for a ``strategy: vault`` target the agent's switches, the egress prox
 are made at fill time, kept Fernet-encrypted in the entry and handed to the one request that claims it. Where the
 agent allows it is spawned, ACP-initialized and given a session in ``/workspace`` at fill time too.
 
-A ``binding: acp-gateway`` target (Claude Code) pools an agent started with the agent's switches only, no key, and
-ACP-initialized with the gateway auth capability, but no session: Claude Code applies gateway auth to the sessions
-created after ``authenticate`` only (a session made before it fails its prompt with "Authentication required"), and
-its session is the costly part (a Claude Code process: ~1.6 s).
+A ``binding: llm-relay`` target (Claude Code) pools an agent started with the agent's switches, its LLM base URL at
+the daemon front's relay on the sandbox's loopback (:func:`worker.daemon.relay_url`) and a key that is nobody's
+(:data:`RELAY_KEY`; the relay drops it), spawned, initialized and given its session at fill time like a vault
+pool's: the session is the costly part of Claude Code (its process: ~1.6 s), and Claude Code takes a credential only
+when that process starts (ACP ``authenticate`` with the gateway method applies to sessions made after it only).
 
 Everything tenant-specific is bound at the claim (:func:`binds_as_is`). A session whose daemon environment would
 be the pool's but for the placeholder's value (same variables, same non-secret values, no files, the pool's cwd)
 uses the daemon, agent and session as they are: the mock agent with strategy ``none``, and a vault session whose
 LLM vault has the pool's ``llm_base_url``, whose grant then adopts the entry's placeholder (bound in Redis to the
-tenant's vault and the sandbox's address: :meth:`worker.credentials.vault.VaultStrategy.adopt`). On an acp-gateway
-entry, a session whose environment is the pool's plus a grant of an API key or bearer token
-(:func:`worker.agents.gateway_auth`) uses daemon and agent as they are: the session stage sends the credential
-with ``authenticate``, then makes the session. Any other session restarts the daemon with its own environment
+tenant's vault and the sandbox's address: :meth:`worker.credentials.vault.VaultStrategy.adopt`). On an llm-relay
+entry, a session whose environment is the pool's (the relay's variables aside) plus a grant of an API key or bearer
+token (:func:`worker.agents.relay_binding`) uses daemon, agent and session as they are: the session stage gives the
+relay the grant's endpoint and headers (:meth:`worker.daemon.DaemonClient.bind_llm`), which no process of the
+sandbox but the front then holds. Any other session restarts the daemon with its own environment
 (credentials, user env, agent switches), files and cwd (~35 ms), and its agent is spawned after the claim. Either
-way the session stage sets the model, and the mode unless the pooled session already has it (a vault pool sets the
-headless mode at fill time).
+way the session stage sets the model, and the mode unless the pooled session already has it (vault and llm-relay
+pools set the headless mode at fill time).
 
 Entries are recycled unclaimed after ``max_age_seconds`` and never reused: a claimed sandbox belongs to its request
 and goes with it (terminate, compensation, the reaper). Pooled sandboxes hold a slot of their provider's sandbox
@@ -62,14 +64,14 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from providers.base import LABEL_CREATED_AT, LABEL_EXPIRES_AT, LABEL_OWNER, Endpoint, Provider, Sandbox, SandboxSpec
 from worker import daemon, metrics
-from worker.acp import GATEWAY_AUTH, AcpConnection
-from worker.agents import AgentSetup, agent_setup, gateway_auth
+from worker.acp import AcpConnection
+from worker.agents import AgentSetup, agent_setup, relay_binding
 from worker.config import PoolBinding, PoolTarget, Settings
-from worker.credentials.agents import llm_provider_for, token_grant
+from worker.credentials.agents import BASE_URL_VARIABLES, llm_provider_for, token_grant
 from worker.credentials.base import CredentialGrant
 from worker.credentials.vault import DEFAULT_LLM_BASE_URLS, Engine, new_placeholder, proxy_url
 from worker.environment import SessionEnvironment, daemon_environment
-from worker.errors import AgentError, ConfigurationError
+from worker.errors import ConfigurationError
 from worker.limits import Limits
 from worker.models import LLMProvider, PermissionPolicy, ProviderName, SessionRequest, Strategy
 from worker.store import Store
@@ -79,6 +81,9 @@ log = structlog.get_logger(__name__)
 LABEL_POOL = "sandbox-worker-pool"
 LABEL_POOL_ENTRY = "sandbox-worker-pool-entry"
 POOL_CWD = "/workspace"  # the pooled daemon's working directory (the request's default cwd)
+# An llm-relay pool's variables beside the agent's switches: its LLM is the relay, its key nobody's (the relay drops it).
+RELAY_ENV = (BASE_URL_VARIABLES[LLMProvider.anthropic], "ANTHROPIC_API_KEY")
+RELAY_KEY = "sandbox-worker-llm-relay"
 
 # KEYS: ready, entries, claimed. ARGV: request id. The newest ready entry (the least likely to be near its max age),
 # taken out and noted as claimed in one step: returns [its JSON, or nil when the pool is empty; the entries left].
@@ -124,9 +129,7 @@ class PoolEntry(BaseModel):
     token: str  # Fernet ciphertext of the daemon's token
     private_address: str | None = None  # the sandbox's (Docker): a vault placeholder is bound to it at the claim
     strategy: Strategy | None = None  # the strategy whose grant may adopt the placeholder (the target's)
-    binding: PoolBinding | None = (
-        None  # the target's: "acp-gateway", its agent waits for authenticate and has no session
-    )
+    binding: PoolBinding | None = None  # the target's: "llm-relay", its agent's LLM credential is the relay's
     env: dict[str, str] = {}  # the pooled daemon's non-secret variables
     secret_env: list[str] = []  # the names of its secret variables, each holding the placeholder
     placeholder: str | None = None  # Fernet ciphertext of the placeholder, bound to nothing until the claim
@@ -160,20 +163,21 @@ def binds_as_is(
     request: SessionRequest, agent: AgentSetup, grant: CredentialGrant, env: SessionEnvironment, entry: PoolEntry
 ) -> bool:
     """Whether a warm daemon already runs as this session needs: the same variables with the same non-secret values
-    (the secret ones are the grant's, which adopts the entry's placeholder: same strategy; on an acp-gateway entry,
-    the grant's variables aside, which go over ACP), no file, the pool's cwd. Otherwise the daemon is restarted
-    with the session's."""
-    daemon_env = env.daemon_env
-    if entry.binding is not None:  # the grant goes over ACP: the rest must be the pool's
-        if gateway_auth(grant) is None:
+    (the secret ones are the grant's, which adopts the entry's placeholder: same strategy; on an llm-relay entry,
+    the grant's variables and the relay's aside: the grant goes to the relay), no file, the pool's cwd. Otherwise
+    the daemon is restarted with the session's."""
+    daemon_env, pool_env = env.daemon_env, entry.env
+    if entry.binding is not None:
+        if relay_binding(grant) is None:
             return False
         daemon_env = {k: v for k, v in daemon_env.items() if k not in grant.env and k not in grant.plain_env}
+        pool_env = {k: v for k, v in pool_env.items() if k not in RELAY_ENV}
     plain = {name: value for name, value in daemon_env.items() if isinstance(value, str)}
     secret = sorted(name for name, value in daemon_env.items() if not isinstance(value, str))
     if secret and (entry.placeholder is None or grant.strategy != entry.strategy):
         return False
     return (
-        plain == entry.env
+        plain == pool_env
         and secret == entry.secret_env
         and not agent.files
         and not grant.files
@@ -191,16 +195,17 @@ class PoolSetup:
 
 
 def pool_environment(target: PoolTarget, settings: Settings) -> PoolSetup:
-    """Nothing for a target without a strategy; for an acp-gateway target the agent's switches; for a vault target
-    what a vault session's grant and agent setup give
+    """Nothing for a target without a strategy; for an llm-relay target the agent's switches and headless mode, the
+    relay as its LLM and :data:`RELAY_KEY`; for a vault target what a vault session's grant and agent setup give
     it (the egress proxy's URL for the target's LLM, the agent's switches and headless mode), with a fresh placeholder
     bound to nothing as its key."""
     provider = llm_provider_for(target.agent, None)
-    if target.binding is not None and provider is not None:  # the agent's switches, no key: it comes over ACP
+    if target.binding is not None and provider is not None:
         setup = agent_setup(
             target.agent, provider, {}, permissions=PermissionPolicy.approve, llm_retries=settings.llm_retries
         )
-        return PoolSetup(dict(setup.env))
+        relay = dict(zip(RELAY_ENV, (daemon.relay_url(settings.daemon_port), RELAY_KEY), strict=True))
+        return PoolSetup({**setup.env, **relay}, mode=setup.mode)
     if target.strategy is None:
         return PoolSetup({})
     public_url = settings.credentials.egress.public_url
@@ -433,6 +438,7 @@ class Pools:
                 token=self.store.cipher.encrypt(token),
                 private_address=sandbox.private_address,
                 strategy=target.strategy,
+                binding=target.binding,
                 env={k: v for k, v in setup.env.items() if isinstance(v, str)},
                 secret_env=sorted(k for k, v in setup.env.items() if not isinstance(v, str)),
                 placeholder=self.store.cipher.encrypt(setup.placeholder) if setup.placeholder else None,
@@ -464,9 +470,8 @@ class Pools:
         """The daemon of a pooled sandbox: checked, its agent installed, started with the pool's environment (no
         tenant's anything), healthy. Its agent is spawned, ACP-initialized and given a session in POOL_CWD when the
         session can use it as is: an agent that takes no LLM credential (mock), or one whose credential is the
-        pool's placeholder; for an acp-gateway target it is spawned and initialized with the gateway capability,
-        its session made after the claim's authenticate; any other needs its session's environment, so it is
-        spawned after the claim. Returns the token and the entry's agent fields."""
+        pool's placeholder or relay; any other needs its session's environment, so it is spawned after the claim.
+        Returns the token and the entry's agent fields."""
         settings, agent = self.settings, target.agent.value
         daemon.install_daemon(provider, sandbox, settings.daemon_install, settings.daemon_binary, image=target.image)
         daemon.install_agent(provider, sandbox, agent, settings.daemon_install)
@@ -478,13 +483,7 @@ class Pools:
             client.wait_healthy(settings.health_timeout)
             daemon.check_agent(client, agent)
             server_id = f"sw-pool-{entry_id}"
-            if target.binding is not None:
-                with AcpConnection(client, server_id, agent) as acp:
-                    offered = acp.initialize(timeout=settings.session_timeout, gateway=True).get("authMethods") or []
-                if GATEWAY_AUTH not in {method.get("id") for method in offered}:
-                    raise AgentError(f"agent {agent} offers no {GATEWAY_AUTH} auth method: it cannot be pooled so")
-                fields = {"server_id": server_id, "binding": target.binding}
-            elif llm_provider_for(target.agent, None) is None or target.strategy is not None:
+            if llm_provider_for(target.agent, None) is None or target.strategy is not None or target.binding:
                 with AcpConnection(client, server_id, agent) as acp:
                     acp.initialize(timeout=settings.session_timeout)
                     session_id = acp.new_session(POOL_CWD, timeout=settings.session_timeout)

@@ -1,7 +1,8 @@
-"""A warm pool of real Claude Code sandboxes binding each session's key over ACP (real Redis, Docker, daemon and
-claude-agent-acp; the LLM API and the gateway are stand-ins): the pooled agent runs with no key at all, initialized
-with the gateway auth capability; a claim sends the session's credential with ACP ``authenticate`` (method gateway)
-and makes the session after it, on the pooled daemon and agent as they are (no restart)."""
+"""A warm pool of real Claude Code sandboxes whose sessions bind their keys through the daemon front's LLM relay (real
+Redis, Docker, daemon and claude-agent-acp; the LLM API and the gateway are stand-ins): the pooled agent and its
+session are made at fill time, pointed at the relay with a key that is nobody's; a claim gives the relay the session's
+endpoint and headers and uses daemon, agent and session as they are (no restart). No process of the sandbox but the
+front holds the key, before the claim or after."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from worker.config import get_settings
 from worker.daemon import DAEMON_LOG
 from worker.limits import Limits
 from worker.models import SessionState
-from worker.pool import PoolEntry, Pools, pool_name
+from worker.pool import RELAY_KEY, PoolEntry, Pools, pool_name
 
 pytestmark = pytest.mark.integration
 
-TARGET = {"provider": "docker", "agent": "claude", "size": 2, "binding": "acp-gateway"}
+TARGET = {"provider": "docker", "agent": "claude", "size": 2, "binding": "llm-relay"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def stack(
     api = LLMApi()
     stack = CredentialStack(
         base_env=base_env,
-        workdir=tmp_path_factory.mktemp("pool-gateway"),
+        workdir=tmp_path_factory.mktemp("pool-relay"),
         bridge=bridge_address(docker_client),
         image=pins.SANDBOX_IMAGE,
         provider_api=api,  # type: ignore[arg-type]
@@ -73,7 +74,7 @@ def _environ(container: Any) -> bytes:
     return bytes(container.exec_run(["sh", "-c", "cat /proc/[0-9]*/environ"]).output)
 
 
-def test_warm_claude_sessions_bind_their_own_keys_over_acp(
+def test_warm_claude_sessions_bind_their_own_keys_through_the_relay(
     stack: CredentialStack,
     monkeypatch: pytest.MonkeyPatch,
     docker_client: docker.DockerClient,
@@ -88,15 +89,17 @@ def test_warm_claude_sessions_bind_their_own_keys_over_acp(
     assert pools.refill() == 2
     containers = _pooled(docker_client)
     assert len(containers) == 2
-    # Before a claim: Claude Code runs, initialized, with no key of any kind in any process or file of the sandbox.
+    # Before a claim: Claude Code runs with its session made, its key nobody's, no key of any tenant in any process
+    # or file of the sandbox.
     running = {cid: _processes(c, "sandbox-agent server", "claude-agent-acp") for cid, c in containers.items()}
     for cid, container in containers.items():
         assert any("claude-agent-acp" in line for line in running[cid]), running[cid]
         environ = _environ(container)
-        assert b"ANTHROPIC_API_KEY" not in environ and b"ANTHROPIC_AUTH_TOKEN" not in environ
+        assert f"ANTHROPIC_API_KEY={RELAY_KEY}".encode() in environ and b"ANTHROPIC_AUTH_TOKEN" not in environ
         assert not _holds(container, byok_key) and not _holds(container, stack.values["shared_anthropic"])
     entries = [PoolEntry.model_validate_json(raw) for raw in runtime.store().redis.hvals(_entries(pools))]
-    assert {(e.binding, e.session_id, e.acp_requests) for e in entries} == {("acp-gateway", None, 1)}
+    assert {(e.binding, e.acp_requests, e.mode) for e in entries} == {("llm-relay", 3, "bypassPermissions")}
+    assert all(e.session_id for e in entries)
     assert api.model_requests() == []
 
     # Tenant one: its own key (byok), presented as x-api-key.
@@ -117,11 +120,15 @@ def test_warm_claude_sessions_bind_their_own_keys_over_acp(
     used = {(c.credential, c.scheme) for c in api.requests if c.path.endswith("/v1/messages")}
     assert used and {key for key, _ in used} <= minted and {scheme for _, scheme in used} == {"bearer"}
 
-    # The pooled daemons and agents served as they were (no restart), each session made after its authenticate.
+    # The pooled daemons, agents and sessions served as they were (no restart), and no process but the front holds a
+    # key after the claim either: not the agent's environment.
+    pooled_sessions = {e.sandbox_id: e.session_id for e in entries}
     for result in (one, two):
         [cid] = [cid for cid in containers if cid.startswith(str(result.sandbox_id))]
         assert _processes(containers[cid], "sandbox-agent server", "claude-agent-acp") >= running[cid]
-        assert result.server_id and result.server_id.startswith("sw-pool-") and result.session_id
+        assert result.server_id and result.server_id.startswith("sw-pool-")
+        assert result.session_id == pooled_sessions[str(result.sandbox_id)]
+        assert not _holds(containers[cid], byok_key)
     # No key in the results, the records, the logs (the worker's, and the daemon's, which the worker reads on failure).
     keys = {"byok": byok_key, **{f"minted_{i}": key for i, key in enumerate(minted)}}
     daemon_logs = "".join(c.exec_run(["cat", DAEMON_LOG]).output.decode(errors="replace") for c in containers.values())

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from providers.base import Endpoint, ExecResult, Sandbox, SandboxSpec
 from providers.fake import FakeProvider, StandInDaemons
+from tests.conftest import wait_for
+from tests.standins.server import ThreadedServer
 from worker import pins
 from worker.acp import AcpConnection, Turn, agent_error, approve_permissions, reject_permissions
 from worker.daemon import (
@@ -219,3 +227,84 @@ def test_a_preinstalled_agent_is_checked_once_per_image() -> None:
     assert agent_pinned("mock", image=image) and not agent_pinned("mock", image=None)
     check_agent(client, "mock")
     assert len(asked) == 3
+
+
+def _cookie_and_stream_app() -> Starlette:
+    """A daemon that sets a cookie on every answer, echoes what it was sent, and streams events that never end."""
+
+    async def echo(request: Request) -> Response:
+        seen = {"authorization": request.headers.get("authorization"), "cookie": request.headers.get("cookie")}
+        response = JSONResponse(seen)
+        response.set_cookie("edge", "sticky")
+        return response
+
+    async def events(_request: Request) -> Response:
+        async def forever() -> AsyncIterator[bytes]:
+            yield b"id: 1\ndata: {}\n\n"
+            await asyncio.sleep(3600)
+
+        return StreamingResponse(forever(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/d/{daemon}/v1/echo", echo), Route("/d/{daemon}/v1/events", events)])
+
+
+def test_daemon_clients_share_a_connection_pool_but_no_token_or_cookie() -> None:
+    """Clients of different daemons in one process send each its own token, never a cookie another daemon (or its
+    edge) set, and closing one leaves the others working."""
+    with ThreadedServer(_cookie_and_stream_app()) as server:
+        first = DaemonClient(Endpoint(f"{server.url}/d/a"), SecretStr("token-a"))
+        second = DaemonClient(Endpoint(f"{server.url}/d/b"), SecretStr("token-b"))
+        assert first.get_json("/v1/echo") == {"authorization": "Bearer token-a", "cookie": None}
+        first.close()
+        assert second.get_json("/v1/echo") == {"authorization": "Bearer token-b", "cookie": None}
+        assert second.get_json("/v1/echo")["cookie"] is None
+        second.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            second.get_json("/v1/echo")
+
+
+def test_closing_a_client_ends_its_event_stream_at_once() -> None:
+    """A reader blocked on an event stream with nothing to read is woken when its client closes, long before its
+    read timeout: the stream does not linger in the shared pool."""
+    with ThreadedServer(_cookie_and_stream_app()) as server:
+        client = DaemonClient(Endpoint(f"{server.url}/d/a"), SecretStr("t"))
+        got: list[str] = []
+        ended = threading.Event()
+
+        def read() -> None:
+            try:
+                with client.events("/v1/events", timeout=httpx.Timeout(10.0, read=600.0)) as events:
+                    for event in events.iter_sse():
+                        got.append(event.id)
+            except httpx.TransportError:
+                pass
+            finally:
+                ended.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: got == ["1"], timeout=10)
+        client.close()
+        assert ended.wait(timeout=60)  # the read timeout is ten minutes
+
+
+def test_a_detached_connection_sends_nothing_more() -> None:
+    """POSTs run on threads shared by the process's connections: one detached sends no request after it."""
+    posted: list[str] = []
+    inner = _acp_transport(stream_delay=0.0)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posted.append(json.loads(request.content)["method"])
+        return inner.handle_request(request)
+
+    client = DaemonClient(Endpoint("http://daemon"), SecretStr("t"), transport=httpx.MockTransport(handler))
+    acp = AcpConnection(client, "srv", "mock")
+    try:
+        acp.initialize(timeout=5)
+        acp.detach()
+        with pytest.raises(RuntimeError, match="detached"):
+            acp.new_session("/workspace", timeout=5)
+        assert posted == ["initialize"]
+    finally:
+        client.close()

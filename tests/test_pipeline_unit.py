@@ -146,6 +146,36 @@ def test_terminate_during_bring_up_stops_at_the_next_stage(store: Store, provide
     assert result.error.stage == "session" and provider.sandboxes == {}
 
 
+def test_terminate_asked_before_the_ready_write_ends_the_session(store: Store, provider: FakeProvider) -> None:
+    """The ready record is written only if no terminate was asked meanwhile: one asked during the last stage ends the
+    session terminated (its sandbox removed), never ready."""
+
+    def terminate_at_session(stage: str, result: SessionResult) -> None:
+        if stage == "session":
+            store.request_terminate(result.request_id)
+
+    result = _pipeline(store, provider, progress=terminate_at_session).create(_request())
+
+    assert result.state is SessionState.terminated and result.error is not None
+    assert result.error.stage == "ready" and result.ready_at is None and provider.sandboxes == {}
+    kept = store.get("req-1")
+    assert kept is not None and kept.result.state is SessionState.terminated
+
+
+def test_a_lease_lost_before_the_ready_write_writes_nothing(store: Store, provider: FakeProvider) -> None:
+    """A worker whose lease another took over during the last stage leaves the record to it: not written ready."""
+
+    def taken_over_at_session(stage: str, result: SessionResult) -> None:
+        if stage == "session":
+            store.redis.set(f"sw:lease:{result.request_id}", "another-worker")
+
+    with pytest.raises(RetryLater):
+        _pipeline(store, provider, progress=taken_over_at_session).create(_request())
+
+    kept = store.get("req-1")
+    assert kept is not None and kept.result.state is SessionState.starting and kept.result.stage == "session"
+
+
 def test_terminate_of_a_ready_session_removes_its_sandbox(store: Store, provider: FakeProvider) -> None:
     pipeline = _pipeline(store, provider)
     pipeline.create(_request())

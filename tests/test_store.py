@@ -58,12 +58,17 @@ def test_advance_writes_only_for_the_lease_holder_and_never_once_terminate_is_as
     assert store.get("advancing").result.stage == "claim"  # type: ignore[union-attr]
 
 
-def test_the_same_request_id_creates_one_record(settings: Settings) -> None:
-    """create() is SET NX: a second create of the same request returns the first record."""
+def test_the_same_request_id_creates_one_record(settings: Settings, redis_client: redis_lib.Redis) -> None:
+    """create() writes a new request's record with its indexes and the fleet marker; a second create of the same
+    request returns the first record and writes nothing."""
     store = Store.from_settings(settings)
     first = store.create(_request("once"))
+    assert redis_client.zscore(f"{PREFIX}active", "once") == pytest.approx(first.result.updated_at)
+    assert redis_client.zscore(f"{PREFIX}live", "once") == pytest.approx(first.deadline)
+    assert store.fleet_since() is not None
     second = store.create(_request("once"))
-    assert first.created_at == second.created_at
+    assert first.created_at == second.created_at and second.result.state is SessionState.queued
+    assert redis_client.zscore(f"{PREFIX}active", "once") == pytest.approx(first.result.updated_at)
 
 
 def test_secrets_are_encrypted_and_need_a_key(settings: Settings, redis_client: redis_lib.Redis) -> None:

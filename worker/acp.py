@@ -8,8 +8,10 @@ requests from the agent are answered at once by a policy, so a headless turn nev
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import os
 import re
 import threading
 import time
@@ -19,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from httpx_sse import connect_sse
 
 from worker.daemon import DaemonClient, raise_for_problem
 from worker.errors import AgentError, DaemonUnreachable, LLMAuthFailed, LLMRateLimited
@@ -50,6 +51,23 @@ STREAM_CATCH_UP = 5.0
 
 # Consecutive failures to (re)open the event stream, ~0.1 s apart, before the daemon counts as lost.
 STREAM_FAILURES = 20
+
+# The event stream's read timeout is how often its reader looks at the stop flag.
+_STREAM_TIMEOUT = httpx.Timeout(10.0, read=1.0)
+
+# Threads for the POSTs of every ACP connection in the process, kept between sessions: a thread started per
+# connection put its start-up handshake on each bring-up's path. A thread is added only when none is idle; a POST
+# the daemon holds keeps its thread until its timeout, as it kept a thread of its own before.
+POST_THREADS = 64
+
+
+@functools.cache
+def _posts() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=POST_THREADS, thread_name_prefix="acp-post")
+
+
+# A forked worker process (Celery's prefork children) starts its own threads.
+os.register_at_fork(after_in_child=_posts.cache_clear)
 
 PERMISSION_ANSWERS: dict[PermissionPolicy, PermissionAnswer] = {
     PermissionPolicy.approve: approve_permissions,
@@ -125,7 +143,7 @@ class AcpConnection:
         self.permissions = PERMISSION_ANSWERS[permissions]
         self._ids = itertools.count(1)
         self._inbox = _Inbox()
-        self._posts = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"acp-post-{server_id}")
+        self._sent: set[Future[httpx.Response | None]] = set()  # POSTs not done yet
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self._path = f"/v1/acp/{server_id}"
@@ -140,7 +158,8 @@ class AcpConnection:
     def detach(self) -> None:
         """Stop reading; the agent keeps running for whoever connects next."""
         self._stop.set()
-        self._posts.shutdown(wait=False, cancel_futures=True)
+        for future in self._sent.copy():
+            future.cancel()  # those not started yet
         # The reader is not joined: it sees the flag within its one-second read timeout, or at once when the
         # caller closes the client under it.
 
@@ -225,7 +244,7 @@ class AcpConnection:
         is ordered, so everything the agent sent before its reply (the turn's text) has then arrived too."""
         request_id = next(self._ids)
         envelope = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-        future = self._posts.submit(self._post, envelope, query, timeout)
+        future = self._submit(envelope, query, timeout)
         deadline = time.monotonic() + timeout
         with self._inbox.lock:
             while True:
@@ -275,13 +294,25 @@ class AcpConnection:
         body: dict[str, Any] = response.json()
         return body
 
+    def _submit(
+        self, envelope: dict[str, Any], query: Mapping[str, str] | None = None, timeout: float = 30.0
+    ) -> Future[httpx.Response | None]:
+        """POST ``envelope`` on the process's POST threads; :meth:`detach` cancels it if it has not started."""
+        if self._stop.is_set():
+            raise RuntimeError(f"the ACP connection to {self.server_id} is detached")
+        future = _posts().submit(self._post, envelope, query, timeout)
+        self._sent.add(future)
+        future.add_done_callback(self._sent.discard)
+        return future
+
     def _post(
         self, envelope: dict[str, Any], query: Mapping[str, str] | None = None, timeout: float = 30.0
     ) -> httpx.Response | None:
         try:
-            return self.client.http.post(
+            return self.client.request(
+                "POST",
                 self._path,
-                params=dict(query or {}),
+                params=query or None,
                 content=json.dumps(envelope),
                 headers={"Content-Type": "application/json", "Accept": "application/json"},
                 timeout=timeout,
@@ -299,9 +330,7 @@ class AcpConnection:
                 headers["Last-Event-ID"] = self._inbox.last_event_id
             problem = None
             try:
-                with connect_sse(
-                    self.client.http, "GET", self._path, headers=headers, timeout=httpx.Timeout(10.0, read=1.0)
-                ) as events:
+                with self.client.events(self._path, headers=headers, timeout=_STREAM_TIMEOUT) as events:
                     if events.response.status_code == 200:
                         failures = 0
                         for event in events.iter_sse():
@@ -356,4 +385,4 @@ class AcpConnection:
             self._inbox.lock.notify_all()
         if method == "session/request_permission" and "id" in envelope:
             answer = self.permissions(envelope.get("params") or {})
-            self._posts.submit(self._post, {"jsonrpc": "2.0", "id": envelope["id"], "result": answer})
+            self._submit({"jsonrpc": "2.0", "id": envelope["id"], "result": answer})

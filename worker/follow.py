@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 import httpx
-from httpx_sse import connect_sse
 from pydantic import BaseModel, ConfigDict, Field
 
 from providers.base import Endpoint
@@ -142,8 +141,8 @@ class SessionHandle:
     def __init__(self, access: DaemonAccess, server_id: str, session_id: str, *, timeout: float = 30.0) -> None:
         self.server_id = server_id
         self.session_id = session_id
-        self._client = DaemonClient(Endpoint(access.url, {}), access.token, timeout=timeout)
-        self._client.http.headers.update({k: v.get_secret_value() for k, v in access.headers.items()})
+        headers = {name: value.get_secret_value() for name, value in access.headers.items()}
+        self._client = DaemonClient(Endpoint(access.url, headers), access.token, timeout=timeout)
         self._path = f"/v1/acp/{server_id}"
         # Our request ids never collide with the worker connection's numbers (replayed on the stream).
         self._prefix = f"follow-{uuid.uuid4().hex[:8]}-"
@@ -253,7 +252,8 @@ class SessionHandle:
         self._posts.submit(self._post_reply, {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
 
     def _post(self, envelope: dict[str, Any], timeout: float = 30.0) -> httpx.Response:
-        response = self._client.http.post(
+        response = self._client.request(
+            "POST",
             self._path,
             content=json.dumps(envelope),
             headers={"Content-Type": "application/json", "Accept": "application/json"},
@@ -277,9 +277,7 @@ class SessionHandle:
         while not self._stop.is_set():
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             try:
-                with connect_sse(
-                    self._client.http, "GET", self._path, headers=headers, timeout=httpx.Timeout(10.0, read=1.0)
-                ) as events:
+                with self._client.events(self._path, headers=headers, timeout=httpx.Timeout(10.0, read=1.0)) as events:
                     raise_for_problem(events.response)
                     for sse in events.iter_sse():
                         last_event_id = sse.id or last_event_id

@@ -15,6 +15,7 @@ each attempt starting clean (compensation removes what the failed one made). Bad
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -70,14 +71,20 @@ class RetryPolicy:
 
     def in_stage(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying transient errors within the stage."""
-        retrying = Retrying(
-            retry=retry_if_exception(_transient),
-            wait=wait_random_exponential(multiplier=0.5, max=8),
-            stop=stop_after_attempt(self.stage_attempts),
-            before_sleep=_note,
-            reraise=True,
-        )
-        return retrying(fn)
+        return _stage_retrying(self.stage_attempts)(fn)
+
+
+@functools.cache
+def _stage_retrying(attempts: int) -> Retrying:
+    """The stage's retry loop, built once: a bring-up runs a handful of calls through it, and building one costs
+    about as much as running a call through it. A Retrying keeps each call's state per thread, so one serves all."""
+    return Retrying(
+        retry=retry_if_exception(_transient),
+        wait=wait_random_exponential(multiplier=0.5, max=8),
+        stop=stop_after_attempt(attempts),
+        before_sleep=_note,
+        reraise=True,
+    )
 
 
 class RetryLater(Exception):

@@ -200,6 +200,20 @@ return 0
 """
 
 
+# A new request's queued record, its indexes and the fleet marker, in one round trip; the record already there if
+# there is one (nothing written then). KEYS: session, fleet marker, active, live. ARGV: record, created_at (s),
+# request id, updated_at, deadline.
+_CREATE = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return existing end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'NX')
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
+return false
+"""
+
+
 class Advance(IntEnum):
     """What :meth:`Store.advance` found."""
 
@@ -214,6 +228,7 @@ class Store:
         self.cipher = cipher
         self.retention_seconds = retention_seconds
         self._write_script = client.register_script(_WRITE)
+        self._create_script = client.register_script(_CREATE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -299,7 +314,8 @@ class Store:
         return float(since) if since is not None else None
 
     def create(self, request: SessionRequest) -> SessionRecord:
-        """The record for ``request``, created queued if it does not exist yet (SET NX: one winner)."""
+        """The record for ``request``, created queued if it does not exist yet (one winner), else the one there; with
+        its indexes in the same round trip."""
         record = SessionRecord(
             request=request,
             result=SessionResult(
@@ -311,16 +327,17 @@ class Store:
             ),
             created_at=time.time(),
         )
-        key = f"{PREFIX}session:{request.request_id}"
-        if self.redis.set(key, record.model_dump_json(), nx=True):
-            pipe = self.redis.pipeline()
-            pipe.set(FLEET_MARKER, str(int(record.created_at)), nx=True)
-            self._index(pipe, record)
-            pipe.execute()
-            return record
-        existing = self.get(request.request_id)
-        assert existing is not None
-        return existing
+        request_id = request.request_id
+        keys = [f"{PREFIX}session:{request_id}", FLEET_MARKER, f"{PREFIX}active", f"{PREFIX}live"]
+        args: list[str | int] = [
+            record.model_dump_json(),
+            int(record.created_at),
+            request_id,
+            repr(record.result.updated_at),
+            repr(record.deadline),
+        ]
+        existing = self._create_script(keys=keys, args=args)
+        return SessionRecord.model_validate_json(existing) if existing else record
 
     def reject(self, result: SessionResult) -> None:
         """Keep the answer to a request refused before it had a record, unless a record holds its id (a valid

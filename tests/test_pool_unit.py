@@ -150,6 +150,19 @@ def test_a_request_the_pool_cannot_serve_starts_cold(store: Store, provider: Fak
     assert result.state is SessionState.ready and not result.warm
 
 
+@pytest.mark.parametrize(
+    "sandbox",
+    [{"labels": {"team": "blue"}}, {"egress": ["github.com"]}, {"cpu": 1}, {"memory_mb": 1024}, {"image": "other"}],
+)
+def test_no_pool_serves_what_a_started_sandbox_can_no_longer_take(store: Store, sandbox: dict[str, object]) -> None:
+    """Labels, egress (a Docker sandbox's forward-proxy pass is sealed at its start), limits, another image."""
+    settings = _settings(size=1)
+    pools = Pools(settings, store, lambda _name: FakeProvider(), Limits(store.redis, settings.fleet, 30))
+    fits = SessionRequest.model_validate({"tenant_id": "acme", "agent": "mock", "provider": "docker"})
+    assert pools.target_for(fits) is not None
+    assert pools.target_for(fits.model_copy(update={"sandbox": fits.sandbox.model_copy(update=sandbox)})) is None
+
+
 def test_a_dead_entry_is_removed_and_the_request_starts_cold(store: Store, provider: FakeProvider) -> None:
     settings = _settings(size=1)
     _pools(store, provider, settings).refill()

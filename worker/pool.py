@@ -264,11 +264,13 @@ class Pools:
     # -- claiming ------------------------------------------------------------------------------------------
     def target_for(self, request: SessionRequest, strategy: Strategy | None = None) -> PoolTarget | None:
         """The pool that may serve ``request`` (whose grant is of ``strategy``): same provider, agent and image, and
-        nothing a started sandbox can no longer take (its own labels, cpu or memory, a ttl longer than the pool's
-        sandboxes live); of those, the one serving ``strategy`` first, then one binding a key over ACP."""
+        nothing a started sandbox can no longer take (its own labels, cpu or memory, egress beyond what every sandbox
+        may reach: a Docker sandbox's forward-proxy pass is sealed when it starts; a ttl longer than the pool's
+        sandboxes live); of those, the one serving ``strategy`` first, then one binding a key at the LLM relay."""
         box = request.sandbox
         if (
             box.labels
+            or box.egress
             or box.cpu is not None
             or box.memory_mb is not None
             or box.ttl_seconds > self.config.session_ttl_seconds

@@ -105,7 +105,7 @@ class PoolTarget(BaseModel):
         return strategy
 
     @model_validator(mode="after")
-    def _gateway_binding(self) -> PoolTarget:
+    def _relay_binding(self) -> PoolTarget:
         if self.binding is not None and (self.agent is not Agent.claude or self.strategy is not None):
             raise ValueError("binding llm-relay is Claude Code's (agent claude) and takes no strategy")
         return self

@@ -73,9 +73,14 @@ def loopback_port(port: int) -> int:
     return port + 1 if port < 65535 else port - 1
 
 
+def relay_port(port: int) -> int:
+    """Where the front's LLM relay listens on the sandbox's loopback (:meth:`DaemonClient.bind_llm`)."""
+    return port + 2 if port < 65534 else port - 2
+
+
 def relay_url(port: int) -> str:
-    """The front's LLM relay on the sandbox's loopback (:func:`bind_llm`), next to the daemon's port."""
-    return f"http://127.0.0.1:{port + 2 if port < 65534 else port - 2}"
+    """The relay's URL, an agent's LLM base URL in an llm-relay pool."""
+    return f"http://127.0.0.1:{relay_port(port)}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def _front_env(token: SecretStr, port: int) -> dict[str, str]:
 
 
 def _front_ports(port: int) -> list[str]:
-    return [str(port), str(loopback_port(port)), relay_url(port).rpartition(":")[2]]
+    return [str(port), str(loopback_port(port)), str(relay_port(port))]
 
 
 def _server_argv(port: int) -> list[str]:

@@ -379,9 +379,7 @@ class Pipeline:
             with self._stage(attempt, "daemon", quiet=attempt.warm_as_is):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
-            pooled = attempt.warm.entry if attempt.warm is not None and attempt.warm_as_is else None
-            made = pooled is not None and pooled.session_id is not None
-            with self._stage(attempt, "session", quiet=made and not request.session.prompt):
+            with self._stage(attempt, "session", quiet=attempt.warm_as_is and not request.session.prompt):
                 self._open_session(request, attempt, client)
 
         with self._stage(attempt, "ready", quiet=attempt.warm_as_is):

@@ -484,8 +484,8 @@ class Pools:
         try:
             client.wait_healthy(settings.health_timeout)
             daemon.check_agent(client, agent)
-            server_id = f"sw-pool-{entry_id}"
             if llm_provider_for(target.agent, None) is None or target.strategy is not None or target.binding:
+                server_id = f"sw-pool-{entry_id}"
                 with AcpConnection(client, server_id, agent) as acp:
                     acp.initialize(timeout=settings.session_timeout)
                     session_id = acp.new_session(POOL_CWD, timeout=settings.session_timeout)

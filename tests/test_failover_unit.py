@@ -119,12 +119,23 @@ def test_a_failed_probe_opens_the_breaker_again(store: Store) -> None:
     """Half-open, one failure is enough to open the breaker for another cool-down; a success resets the count."""
     breaker = Breaker(store.redis, _settings(breaker_failures=3).fleet)
     assert not breaker.failure(E2B) and not breaker.failure(E2B)
-    breaker.success(E2B)
+    breaker.success(E2B, breaker.admit(E2B, "after-two"))
     assert not breaker.failure(E2B) and breaker.state(E2B) == "closed"
     assert not breaker.failure(E2B) and breaker.failure(E2B) and breaker.state(E2B) == "open"
     store.redis.delete("sw:breaker:{e2b}:open")
     assert breaker.admit(E2B, "probe").probe
     assert breaker.failure(E2B) and breaker.state(E2B) == "open"
+
+
+def test_a_success_admitted_before_a_streak_began_leaves_it(store: Store) -> None:
+    """A create admitted with no failures counted writes nothing when it succeeds (the common case costs no round
+    trip); failures counted after its admission stand, as if it had succeeded before them."""
+    breaker = Breaker(store.redis, _settings(breaker_failures=3).fleet)
+    admitted = breaker.admit(E2B, "early")
+    assert admitted and not admitted.streak
+    assert not breaker.failure(E2B)
+    breaker.success(E2B, admitted)
+    assert not breaker.failure(E2B) and breaker.failure(E2B) and breaker.state(E2B) == "open"
 
 
 def test_every_provider_skipped_is_transient(store: Store, fakes: dict[ProviderName, FakeProvider]) -> None:

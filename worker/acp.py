@@ -166,8 +166,9 @@ class AcpConnection:
     # -- requests ---------------------------------------------------------------------------------------
     def initialize(self, timeout: float) -> dict[str, Any]:
         params = {"protocolVersion": 1, "clientInfo": {"name": "sandbox-worker", "version": "1"}}
-        # The first POST creates the server and must name the agent; the SSE stream exists only after it.
-        result = self.request("initialize", params, timeout=timeout, query={"agent": self.agent})
+        # The first POST creates the server and must name the agent; the SSE stream exists only after it, so the
+        # reply can come only in the POST's body.
+        result = self.request("initialize", params, timeout=timeout, query={"agent": self.agent}, inline=True)
         self._reader = threading.Thread(target=self._read_events, name=f"acp-sse-{self.server_id}", daemon=True)
         self._reader.start()
         return result
@@ -238,13 +239,15 @@ class AcpConnection:
         timeout: float,
         query: Mapping[str, str] | None = None,
         from_stream: bool = False,
+        inline: bool = False,
     ) -> dict[str, Any]:
         """Send a JSON-RPC request; the reply is taken from the POST body or the event stream, whichever comes
         first. ``from_stream`` waits for the stream's copy as well (briefly, when the POST was first): the stream
-        is ordered, so everything the agent sent before its reply (the turn's text) has then arrived too."""
+        is ordered, so everything the agent sent before its reply (the turn's text) has then arrived too.
+        ``inline`` POSTs from this thread, where the reply can come only in the POST's body."""
         request_id = next(self._ids)
         envelope = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-        future = self._submit(envelope, query, timeout)
+        future = self._submit(envelope, query, timeout, inline=inline)
         deadline = time.monotonic() + timeout
         with self._inbox.lock:
             while True:
@@ -295,11 +298,24 @@ class AcpConnection:
         return body
 
     def _submit(
-        self, envelope: dict[str, Any], query: Mapping[str, str] | None = None, timeout: float = 30.0
+        self,
+        envelope: dict[str, Any],
+        query: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        *,
+        inline: bool = False,
     ) -> Future[httpx.Response | None]:
-        """POST ``envelope`` on the process's POST threads; :meth:`detach` cancels it if it has not started."""
+        """POST ``envelope`` on the process's POST threads (:meth:`detach` cancels it if it has not started), or from
+        this thread when ``inline``, done when this returns."""
         if self._stop.is_set():
             raise RuntimeError(f"the ACP connection to {self.server_id} is detached")
+        if inline:
+            done: Future[httpx.Response | None] = Future()
+            try:
+                done.set_result(self._post(envelope, query, timeout))
+            except Exception as exc:  # as a POST thread's future holds it, for _post_result to classify
+                done.set_exception(exc)
+            return done
         future = _posts().submit(self._post, envelope, query, timeout)
         self._sent.add(future)
         future.add_done_callback(self._sent.discard)

@@ -59,6 +59,7 @@ class Admission:
     allowed: bool
     probe: bool = False
     reason: str = ""
+    streak: bool = False  # failures were counted when it was admitted: its success resets them
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -86,15 +87,16 @@ class Breaker:
     def admit(self, provider: ProviderName, holder: str) -> Admission:
         """May ``holder`` (a request id) call ``provider`` now? In half-open state only one holder at a time, the
         probe, may."""
-        _, opened, tripped, probe = self._keys(provider)
-        pipe = self.redis.pipeline(transaction=False)  # both asked in one round trip
+        failures, opened, tripped, probe = self._keys(provider)
+        pipe = self.redis.pipeline(transaction=False)  # all asked in one round trip
         pipe.exists(opened)
         pipe.exists(tripped)
-        is_open, was_tripped = pipe.execute()
+        pipe.exists(failures)
+        is_open, was_tripped, streak = pipe.execute()
         if is_open:
             return Admission(False, reason="circuit breaker open")
         if not was_tripped:
-            return Admission(True)
+            return Admission(True, streak=bool(streak))
         cooldown_ms = int(self.config.breaker_cooldown_seconds * 1000)
         if self.redis.set(probe, holder, nx=True, px=cooldown_ms) or self.redis.get(probe) == holder:
             log.info("circuit breaker half-open: probing", provider=provider.value)
@@ -113,8 +115,12 @@ class Breaker:
             log.warning("circuit breaker opened", provider=provider.value, cooldown_s=config.breaker_cooldown_seconds)
         return opened
 
-    def success(self, provider: ProviderName) -> None:
-        """A create succeeded: the breaker closes and the failure streak is forgotten."""
+    def success(self, provider: ProviderName, admission: Admission) -> None:
+        """A create ``admission`` let through succeeded: the breaker closes and the failure streak is forgotten. With
+        neither a streak nor a trip when it was admitted there is nothing to forget, and nothing is written: failures
+        counted since then came after it."""
+        if not (admission.probe or admission.streak):
+            return
         keys = self._keys(provider)
         pipe = self.redis.pipeline(transaction=False)  # one round trip
         pipe.exists(keys[2])

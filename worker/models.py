@@ -273,8 +273,6 @@ class SkippedProvider(_Strict):
 class SessionResult(_Strict):
     """What a client gets back. Holds no secret: the daemon token is handed out only on request."""
 
-    # Validated on assignment too, so the reply's cap holds however the pipeline sets it.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     request_id: str
     tenant_id: str | None = None

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import redis
 import structlog
@@ -70,6 +70,7 @@ from worker.models import (
     SessionResult,
     SessionState,
     SkippedProvider,
+    cap_reply,
     invalid_result,
     parse_request,
 )
@@ -82,6 +83,12 @@ from worker.teardown import Teardown
 log = structlog.get_logger(__name__)
 
 WARM_HEALTH_POLL = 0.01  # s between health probes of a warm sandbox's daemon: it is up in tens of ms
+
+# What a stage asks of Redis before it runs (Pipeline._stage). "write": the lease and terminate requests checked
+# and the record saying the stage began written, in one round trip. "check": only checked (a stage of milliseconds
+# whose outcome the next write carries). "none": nothing, for a stage that touches nothing outside this process (the
+# next write checks and carries it).
+Report = Literal["write", "check", "none"]
 
 
 class ProgressHook(Protocol):
@@ -307,15 +314,19 @@ class Pipeline:
         self.progress(stage, attempt.record.result)
 
     @contextlib.contextmanager
-    def _stage(self, attempt: _Attempt, stage: StageName, *, quiet: bool = False) -> Iterator[None]:
-        """Run one stage: checked against the lease and terminate requests, timed, and reported (the record written,
-        the progress hook called) unless ``quiet``: a stage of milliseconds whose outcome the next write carries."""
-        if quiet:
-            self._checkpoint(attempt, stage)
+    def _stage(self, attempt: _Attempt, stage: StageName, *, report: Report = "write") -> Iterator[None]:
+        """Run one stage: timed, and before it, as ``report`` says, checked against the lease and terminate requests
+        and reported (the record written, the progress hook called). A stage with a drill's pause is reported
+        whatever it says, so that its record shows where the worker holds."""
+        if report == "write" or stage in self.settings.fleet.fault_pause:
+            self._report(attempt, stage)
+        else:
+            if report == "check":
+                self._checkpoint(attempt, stage)
+            else:
+                self._passed(attempt, stage, lost=False, terminating=False)  # a lease the heartbeat lost
             attempt.record.result.state = SessionState.starting
             attempt.record.result.stage = stage
-        else:
-            self._report(attempt, stage)
         started = time.perf_counter()
         try:
             yield
@@ -343,7 +354,8 @@ class Pipeline:
     def _stages(self, request: SessionRequest, attempt: _Attempt) -> SessionResult:
         settings = self.settings
         record = attempt.record
-        with self._stage(attempt, "claim"):
+        # A first attempt's claim touches nothing outside this process; a later one's may adopt or remove a sandbox.
+        with self._stage(attempt, "claim", report="none" if record.attempts == 1 else "write"):
             provider = attempt.provider = self.providers(request.provider)
             if record.attempts > settings.fleet.max_attempts:
                 raise TooManyAttempts(f"gave up after {settings.fleet.max_attempts} attempts")
@@ -355,7 +367,7 @@ class Pipeline:
             grant = attempt.grant = self.credentials.grant(request, effective=effective)
             attempt.mask(grant.secret_values())
 
-        with self._stage(attempt, "environment"):
+        with self._stage(attempt, "environment", report="none"):
             llm = llm_provider_for(request.agent, effective.credentials.llm_provider)
             attempt.agent = agent_setup(
                 request.agent,
@@ -375,20 +387,41 @@ class Pipeline:
                 structlog.contextvars.bind_contextvars(provider=provider.name, sandbox_id=sandbox.sandbox_id)
                 grant = self._bind_credentials(request, attempt, sandbox, grant, environment)
 
-            # A warm sandbox used as it is: daemon and session stages take milliseconds, reported by the ready write.
-            with self._stage(attempt, "daemon", quiet=attempt.warm_as_is):
+            # The sandbox and the daemon's token go out with the daemon stage's report, before the daemon starts: a
+            # redelivery finds the sandbox in the record and adopts it with the token. A warm sandbox used as it is:
+            # daemon and session stages take milliseconds, carried by the ready write.
+            self._choose_token(attempt)
+            warm_as_is: Report = "check" if attempt.warm_as_is else "write"
+            with self._stage(attempt, "daemon", report=warm_as_is):
                 client = self._start_daemon(request, attempt, provider, sandbox, grant, environment)
 
-            with self._stage(attempt, "session", quiet=attempt.warm_as_is and not request.session.prompt):
+            with self._stage(attempt, "session", report="write" if request.session.prompt else warm_as_is):
                 self._open_session(request, attempt, client)
 
-        with self._stage(attempt, "ready", quiet=attempt.warm_as_is):
+        with self._stage(attempt, "ready", report="none"):
             record.result.state = SessionState.ready
             record.result.error = None
             record.result.ready_at = time.time()
-        self.store.put(record)
+        self._commit_ready(attempt)
         log.info("session ready", sandbox_id=sandbox.sandbox_id, timings_ms=attempt.timings)
         return record.result
+
+    def _commit_ready(self, attempt: _Attempt) -> None:
+        """The ready record, written only while the lease is ours and nobody asked to end the request (one round
+        trip): a session whose end was asked during its last stage ends terminated, never ready."""
+        result = attempt.record.result
+        found = self.store.advance(attempt.record, self.worker_id)
+        if found is not Advance.written:  # the record as it was kept: never ready
+            result.state, result.ready_at = SessionState.starting, None
+        self._passed(attempt, "ready", lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
+
+    def _choose_token(self, attempt: _Attempt) -> None:
+        """The daemon's token: a warm daemon used as it is keeps its own; any other daemon started for the session
+        gets a new one (an adopted sandbox's too: its daemon is restarted with this attempt's credentials)."""
+        warm = attempt.warm
+        token = attempt.token = warm.token if warm is not None and attempt.warm_as_is else daemon.new_token()
+        attempt.mask([token.get_secret_value()])
+        attempt.record.daemon_token = self.store.cipher.encrypt(token)
 
     def _adopt_or_remove(self, provider: Provider, request: SessionRequest, attempt: _Attempt) -> None:
         """A previous attempt whose worker died may have left a sandbox: adopt it when its daemon answers with the
@@ -480,10 +513,9 @@ class Pipeline:
             except BaseException:
                 held.close()
                 raise
-            self.breaker.success(name)
+            self.breaker.success(name, admission)
             slots.enter_context(held)
-            record.result.sandbox_id = sandbox.sandbox_id
-            self.store.put(record)
+            record.result.sandbox_id = sandbox.sandbox_id  # written with the daemon stage's report
             return candidate, sandbox
         if failed is not None:
             raise failed
@@ -592,13 +624,10 @@ class Pipeline:
             # The sandbox is reused, its daemon is not: it runs with the dead attempt's environment, and this
             # attempt's credentials may differ (a vault placeholder is per grant). A restart costs ~50 ms.
             retry(lambda: daemon.stop_daemon(provider, sandbox))
+        token = attempt.token
+        assert token is not None
         # A warm daemon runs with no tenant's anything: used as it is (its agent and session too) when the sandbox
         # stage found it fit, otherwise replaced by the session's.
-        token = attempt.token = warm.token if warm is not None and attempt.warm_as_is else daemon.new_token()
-        attempt.mask([token.get_secret_value()])
-        record.daemon_token = self.store.cipher.encrypt(token)
-        if not attempt.warm_as_is:  # kept before the daemon starts, for a redelivery to adopt the sandbox with it
-            self.store.put(record)
         if warm is None:
             self._launch_daemon(request, attempt, provider, sandbox, grant, environment)
         elif not attempt.warm_as_is:  # its daemon and agent were checked and installed when it was filled
@@ -727,7 +756,8 @@ class Pipeline:
             turn = acp.prompt(session_id, request.session.prompt, timeout=settings.prompt_timeout)
             # Agent output may echo a secret (a prompt-injected agent, a careless tool): the store redacts the
             # result before it is kept or returned.
-            record.result.reply, record.result.tool_calls = turn.text, turn.tool_calls
+            # Not validated on assignment (a bring-up sets its result's fields a few dozen times): capped here.
+            record.result.reply, record.result.tool_calls = cap_reply(turn.text), turn.tool_calls
             record.result.stop_reason, record.result.usage = turn.stop_reason, turn.usage
 
     # -- failure ------------------------------------------------------------------------------------------

@@ -94,6 +94,59 @@ def test_wait_healthy_gives_up_at_its_deadline() -> None:
         client.wait_healthy(0.3)
 
 
+def test_a_first_request_waits_for_the_daemon_then_is_sent_once() -> None:
+    """A daemon just started is refused, cut off, then fronted by 502 and the replaced daemon's 401: the first request
+    is sent again through all of them and returns the answer; once answered it is not sent again."""
+    before = [httpx.ConnectError("refused"), httpx.RemoteProtocolError("cut off"), 502, 401, 503]
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content.decode())
+        if before:
+            status = before.pop(0)
+            if isinstance(status, Exception):
+                raise status
+            return httpx.Response(status)
+        return httpx.Response(200, json={"jsonrpc": "2.0", "id": 1, "result": {}})
+
+    client = DaemonClient(Endpoint("http://daemon"), SecretStr("t"), transport=httpx.MockTransport(handler))
+    response = client.first_request("POST", "/v1/acp/s", boot=10, poll=0.01, content="first")
+    assert response.status_code == 200 and sent == ["first"] * 6
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"), [(httpx.ReadTimeout("no answer"), httpx.ReadTimeout), (400, None), (500, None)]
+)
+def test_a_first_request_the_daemon_took_is_not_sent_again(answer: Any, error: type[Exception] | None) -> None:
+    """A daemon that took the request and did not answer in time, or answered it with an error of its own, is up:
+    the request is not sent again."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if isinstance(answer, Exception):
+            raise answer
+        return httpx.Response(answer)
+
+    client = DaemonClient(Endpoint("http://daemon"), SecretStr("t"), transport=httpx.MockTransport(handler))
+    if error is not None:
+        with pytest.raises(error):
+            client.first_request("POST", "/v1/acp/s", boot=10, poll=0.01)
+    else:
+        assert client.first_request("POST", "/v1/acp/s", boot=10, poll=0.01).status_code == answer
+    assert len(sent) == 1
+
+
+def test_a_first_request_to_a_daemon_that_never_answers_gives_up_at_its_deadline() -> None:
+    client = DaemonClient(
+        Endpoint("http://daemon"), SecretStr("t"), transport=httpx.MockTransport(lambda _r: httpx.Response(502))
+    )
+    started = time.monotonic()
+    with pytest.raises(DaemonUnhealthy, match=r"after 0\.3s"):
+        client.first_request("GET", "/v1/acp/s", boot=0.3)
+    assert time.monotonic() - started < 5
+
+
 def _acp_transport(stream_delay: float) -> httpx.MockTransport:
     """A daemon whose POST replies at once while the event stream (chunks, then the reply) lags behind."""
 

@@ -164,11 +164,15 @@ class AcpConnection:
         # caller closes the client under it.
 
     # -- requests ---------------------------------------------------------------------------------------
-    def initialize(self, timeout: float) -> dict[str, Any]:
+    def initialize(self, timeout: float, *, boot: float = 0.0, poll: float | None = None) -> dict[str, Any]:
+        """The server's first request. ``boot``: the daemon was just started, and this is the first request it gets,
+        sent again while it does not answer for up to ``boot`` seconds (DaemonClient.first_request), every ``poll``
+        seconds if given: a health probe before it would cost a request more."""
         params = {"protocolVersion": 1, "clientInfo": {"name": "sandbox-worker", "version": "1"}}
         # The first POST creates the server and must name the agent; the SSE stream exists only after it, so the
         # reply can come only in the POST's body.
-        result = self.request("initialize", params, timeout=timeout, query={"agent": self.agent}, inline=True)
+        query = {"agent": self.agent}
+        result = self.request("initialize", params, timeout=timeout, query=query, inline=True, boot=boot, poll=poll)
         self._reader = threading.Thread(target=self._read_events, name=f"acp-sse-{self.server_id}", daemon=True)
         self._reader.start()
         return result
@@ -240,14 +244,17 @@ class AcpConnection:
         query: Mapping[str, str] | None = None,
         from_stream: bool = False,
         inline: bool = False,
+        boot: float = 0.0,
+        poll: float | None = None,
     ) -> dict[str, Any]:
         """Send a JSON-RPC request; the reply is taken from the POST body or the event stream, whichever comes
         first. ``from_stream`` waits for the stream's copy as well (briefly, when the POST was first): the stream
         is ordered, so everything the agent sent before its reply (the turn's text) has then arrived too.
-        ``inline`` POSTs from this thread, where the reply can come only in the POST's body."""
+        ``inline`` POSTs from this thread, where the reply can come only in the POST's body; ``boot`` and ``poll``
+        as :meth:`initialize` takes them."""
         request_id = next(self._ids)
         envelope = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-        future = self._submit(envelope, query, timeout, inline=inline)
+        future = self._submit(envelope, query, timeout, inline=inline, boot=boot, poll=poll)
         deadline = time.monotonic() + timeout
         with self._inbox.lock:
             while True:
@@ -304,15 +311,17 @@ class AcpConnection:
         timeout: float = 30.0,
         *,
         inline: bool = False,
+        boot: float = 0.0,
+        poll: float | None = None,
     ) -> Future[httpx.Response | None]:
         """POST ``envelope`` on the process's POST threads (:meth:`detach` cancels it if it has not started), or from
-        this thread when ``inline``, done when this returns."""
+        this thread when ``inline`` (to a daemon just started when ``boot``), done when this returns."""
         if self._stop.is_set():
             raise RuntimeError(f"the ACP connection to {self.server_id} is detached")
         if inline:
             done: Future[httpx.Response | None] = Future()
             try:
-                done.set_result(self._post(envelope, query, timeout))
+                done.set_result(self._post(envelope, query, timeout, boot=boot, poll=poll))
             except Exception as exc:  # as a POST thread's future holds it, for _post_result to classify
                 done.set_exception(exc)
             return done
@@ -322,17 +331,24 @@ class AcpConnection:
         return future
 
     def _post(
-        self, envelope: dict[str, Any], query: Mapping[str, str] | None = None, timeout: float = 30.0
+        self,
+        envelope: dict[str, Any],
+        query: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        *,
+        boot: float = 0.0,
+        poll: float | None = None,
     ) -> httpx.Response | None:
+        post: dict[str, Any] = {
+            "params": query or None,
+            "content": json.dumps(envelope),
+            "headers": {"Content-Type": "application/json", "Accept": "application/json"},
+            "timeout": timeout,
+        }
         try:
-            return self.client.request(
-                "POST",
-                self._path,
-                params=query or None,
-                content=json.dumps(envelope),
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-                timeout=timeout,
-            )
+            if boot:
+                return self.client.first_request("POST", self._path, boot=boot, poll=poll, **post)
+            return self.client.request("POST", self._path, **post)
         finally:
             with self._inbox.lock:
                 self._inbox.lock.notify_all()

@@ -170,7 +170,11 @@ class Settings(BaseSettings):
         default_factory=_default_binary, description="Static sandbox-agent binary for 'upload'."
     )
     daemon_port: int = Field(2468, ge=1, le=65535, description="Port the daemon listens on inside the sandbox.")
-    health_timeout: float = Field(20.0, gt=0, description="Seconds for the daemon to answer /v1/health.")
+    health_timeout: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds for a daemon just started to answer its first request (the session's initialize, or /v1/health).",
+    )
     session_timeout: float = Field(60.0, gt=0, description="Seconds for initialize and session/new.")
     prompt_timeout: float = Field(300.0, gt=0, description="Seconds for the first prompt's turn.")
     llm_retries: int = Field(

@@ -20,10 +20,10 @@ import shlex
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import certifi
 import httpx
@@ -36,6 +36,8 @@ from providers.base import Endpoint, ExecResult, Provider, Sandbox, detached_com
 from worker import pins
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
 from worker.models import InstallMode
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -405,6 +407,10 @@ def _interrupt(response: httpx.Response) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+class _NotUp(Exception):
+    """A daemon just started does not answer yet."""
+
+
 class DaemonClient:
     """Requests to one daemon, its token sent as ``Authorization: Bearer``, over the worker process's shared HTTP
     client (or over ``transport`` alone, for tests)."""
@@ -490,31 +496,52 @@ class DaemonClient:
         return response.status_code == 200 and response.json().get("status") == "ok"
 
     def wait_healthy(self, timeout: float, *, poll: float | None = None) -> float:
-        """Poll ``/v1/health`` until it answers ok; returns the seconds it took. A daemon is up within a few hundred
-        ms and the engine's port proxy accepts connections before it listens, so there is no event to await: the
-        probe starts at every 10 ms (a refused probe costs well under a millisecond) and slows down after that, or
-        runs every ``poll`` seconds where the daemon is known to be up within tens of ms (a warm sandbox's)."""
+        """Poll ``/v1/health`` until it answers ok (as :meth:`first_request` sends a first request); returns the
+        seconds it took."""
         started = time.monotonic()
-
-        class _NotYet(Exception):
-            pass
 
         def probe() -> None:
             if not self.health():
-                raise _NotYet
+                raise _NotUp
 
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception_type(_NotYet),
-                wait=wait_fixed(poll) if poll else wait_incrementing(start=0.01, increment=0.005, max=0.25),
-                stop=stop_after_delay(timeout),
-                reraise=True,
-            ):
-                with attempt:
-                    probe()
-        except _NotYet:
-            raise DaemonUnhealthy(f"daemon not healthy after {timeout:g}s at {self.endpoint.url}") from None
+        self._until_up(probe, timeout, poll)
         return time.monotonic() - started
+
+    def first_request(
+        self, method: str, path: str, *, boot: float, poll: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """``method path`` (as :meth:`request` takes it) to a daemon just started, which may not listen yet: sent again
+        while it is refused or cut off, or answered 401 or 502-504 (by what stands in front of it until it listens, or
+        by the daemon it replaces, which knows another token), for up to ``boot`` seconds. A request the daemon took
+        and did not answer in time is not sent again."""
+
+        def send() -> httpx.Response:
+            try:
+                response = self.request(method, path, **kwargs)
+            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout):
+                raise _NotUp from None
+            if response.status_code in (401, 502, 503, 504):
+                raise _NotUp
+            return response
+
+        return self._until_up(send, boot, poll)
+
+    def _until_up(self, send: Callable[[], T], timeout: float, poll: float | None) -> T:
+        """``send`` until it stops raising _NotUp. A daemon is up within a few hundred ms and the engine's port proxy
+        accepts connections before it listens, so there is no event to await: ``send`` is tried again every 10 ms at
+        first (a refused request costs well under a millisecond) and less often after that, or every ``poll``
+        seconds where the daemon is known to be up within tens of ms (a warm sandbox's). DaemonUnhealthy after
+        ``timeout`` seconds."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(_NotUp),
+            wait=wait_fixed(poll) if poll else wait_incrementing(start=0.01, increment=0.005, max=0.25),
+            stop=stop_after_delay(timeout),
+            reraise=True,
+        )
+        try:
+            return retrying(send)
+        except _NotUp:
+            raise DaemonUnhealthy(f"daemon not healthy after {timeout:g}s at {self.endpoint.url}") from None
 
     def get_json(self, path: str, **params: Any) -> Any:
         try:

@@ -273,7 +273,6 @@ class SkippedProvider(_Strict):
 class SessionResult(_Strict):
     """What a client gets back. Holds no secret: the daemon token is handed out only on request."""
 
-
     request_id: str
     tenant_id: str | None = None
     state: SessionState

@@ -51,6 +51,7 @@ from worker.errors import (
     AgentError,
     Busy,
     DaemonError,
+    DaemonUnhealthy,
     InvalidRequest,
     ProviderUnavailable,
     SandboxGone,
@@ -133,6 +134,7 @@ class _Attempt:
     adopted: bool = False  # the sandbox comes from a previous attempt (its daemon is restarted)
     warm: Claimed | None = None  # the sandbox comes from a warm pool (its daemon is bound to this session)
     warm_as_is: bool = False  # the session uses the warm daemon, agent and session as they are (pool.binds_as_is)
+    booting: bool = False  # the daemon was started and has not answered yet (its first request waits for it)
     token: SecretStr | None = None
     image: str | None = None  # the image of a new sandbox with a preinstalled daemon (its checks are made once)
     grant: CredentialGrant | None = None
@@ -636,14 +638,8 @@ class Pipeline:
             warm.endpoint if warm is not None else retry(lambda: provider.endpoint(sandbox, settings.daemon_port))
         )
         client = attempt.client = daemon.DaemonClient(endpoint, token, timeout=settings.session_timeout)
-        try:
-            if not attempt.warm_as_is:  # a daemon used as it is answered the claim's health check moments ago
-                client.wait_healthy(settings.health_timeout, poll=WARM_HEALTH_POLL if warm is not None else None)
-        except SandboxWorkerError as exc:
-            tail = REDACTOR.redact(daemon.daemon_log_tail(provider, sandbox))
-            if tail:
-                exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
-            raise
+        # Waited for by the session's first request (a daemon used as it is answered the claim's check moments ago).
+        attempt.booting = not attempt.warm_as_is
         record.result.daemon_url = endpoint.url
         # The edge's tokens (a preview or traffic token); the Host header only names the sandbox.
         attempt.mask([value for name, value in endpoint.headers.items() if name.lower() != "host"])
@@ -717,8 +713,27 @@ class Pipeline:
         files = {**attempt.agent.files, **{path: value.get_secret_value() for path, value in grant.files.items()}}
         return {f"{HOME}/{path}": content.encode() for path, content in files.items()}
 
+    def _daemon_up(self, attempt: _Attempt, first: Callable[[float], object]) -> None:
+        """The first request to the daemon the daemon stage started (``first``, given the seconds it may take to come
+        up; none when it answered already). A daemon that never answers is the daemon stage's failure, and its log
+        says why."""
+        if not attempt.booting:
+            first(0.0)
+            return
+        try:
+            first(self.settings.health_timeout)
+        except DaemonUnhealthy as exc:
+            exc.stage = "daemon"
+            assert attempt.provider is not None and attempt.sandbox is not None
+            tail = REDACTOR.redact(daemon.daemon_log_tail(attempt.provider, attempt.sandbox))
+            if tail:
+                exc.message = f"{exc.message}; daemon log: {tail[-600:]}"
+            raise
+        attempt.booting = False
+
     def _open_session(self, request: SessionRequest, attempt: _Attempt, client: daemon.DaemonClient) -> None:
         settings, record = self.settings, attempt.record
+        poll = WARM_HEALTH_POLL if attempt.warm is not None else None  # a warm sandbox's daemon is up in tens of ms
         pooled = attempt.warm.entry if attempt.warm is not None and attempt.warm_as_is else None
         server_id = (pooled and pooled.server_id) or f"sw-{request.request_id}-{record.attempts}"
         acp = attempt.acp = AcpConnection(
@@ -735,8 +750,10 @@ class Pipeline:
                 assert relay is not None
                 client.bind_llm(relay.base_url, relay.headers)
         elif daemon.agent_pinned(request.agent.value, image=attempt.image):
-            acp.initialize(timeout=settings.session_timeout)
+            self._daemon_up(attempt, lambda boot: acp.initialize(settings.session_timeout, boot=boot, poll=poll))
         else:
+            if attempt.booting:  # the agent's check below asks the daemon too
+                self._daemon_up(attempt, lambda boot: client.wait_healthy(boot, poll=poll))
             # The agent's version check (Claude Code's `--version` takes a second or more) overlaps the ACP handshake.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-check") as background:
                 checked = background.submit(daemon.check_agent, client, request.agent.value, image=attempt.image)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+
 import pytest
 import redis as redis_lib
 from pydantic import SecretStr
 
 from worker.config import Settings
 from worker.errors import ConfigurationError, InvalidRequest
+from worker.lease import Lease
 from worker.models import SessionRequest, SessionState, invalid_result
 from worker.store import PREFIX, Advance, Cipher, Store
 
@@ -56,6 +61,46 @@ def test_advance_writes_only_for_the_lease_holder_and_never_once_terminate_is_as
     record.result.stage = "credentials"
     assert store.advance(record, "worker-a") is Advance.terminating
     assert store.get("advancing").result.stage == "claim"  # type: ignore[union-attr]
+
+
+def test_taking_a_lease_reads_the_record_as_it_is_then(settings: Settings, redis_client: redis_lib.Redis) -> None:
+    """The lease's taking reads the request's record in the same step: a worker that takes it after another finished
+    the request sees it finished; one that cannot take it reads nothing; a request without a record reads None."""
+    store = Store.from_settings(settings)
+    record = store.create(_request("taken"))
+    record.result.state = SessionState.ready
+    store.put(record)  # another worker finished it between this worker's submit and its taking the lease
+    lease = store.lease("taken", 30)
+    assert lease.acquire(blocking=False, token="worker-a")
+    assert lease.record is not None and lease.record.result.state is SessionState.ready
+    assert redis_client.pttl(f"{PREFIX}lease:taken") > 25_000 and lease.owned()
+    held = store.lease("taken", 30)
+    assert not held.acquire(blocking=False, token="worker-b") and held.record is None
+    lease.release()
+    bare = store.lease("no-record", 30)
+    assert bare.acquire(blocking=False, token="worker-a") and bare.record is None
+
+
+def test_leases_held_at_once_are_renewed_by_one_thread_until_dropped(
+    settings: Settings, redis_client: redis_lib.Redis
+) -> None:
+    """Five bring-ups' leases of 2 s, held for 3 s: one thread renews them all (and their heartbeats), none runs out;
+    once their holders are done none is renewed again, and they expire."""
+    store = Store.from_settings(settings)
+    beats: list[str] = []
+    leases = [Lease(store, f"renewed-{n}", "worker-a", 2, on_beat=lambda n=n: beats.append(n)) for n in range(5)]
+    assert all(lease.acquire() for lease in leases)
+    with contextlib.ExitStack() as held:
+        for lease in leases:
+            held.enter_context(lease.heartbeat())
+        time.sleep(3)
+        assert all(lease.held() for lease in leases) and set(beats) == set(range(5))
+        renewing = [thread.name for thread in threading.enumerate() if "renew" in thread.name]
+        assert renewing == ["lock-renewals"]
+    done = len(beats)
+    time.sleep(2.5)
+    assert len(beats) == done
+    assert not any(redis_client.exists(f"{PREFIX}lease:renewed-{n}") for n in range(5))
 
 
 def test_the_same_request_id_creates_one_record(settings: Settings, redis_client: redis_lib.Redis) -> None:

@@ -226,7 +226,7 @@ class Pipeline:
         raise RetryLater(Busy("another worker is bringing this request up"), current.result)
 
     def _run(self, request: SessionRequest, lease: Lease) -> SessionResult:
-        record = self.store.get(request.request_id)
+        record = lease.record
         assert record is not None
         if record.result.state.terminal:
             return record.result

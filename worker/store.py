@@ -214,6 +214,35 @@ return false
 """
 
 
+# A request's lease taken if nobody holds it, and then its record read, in one round trip. KEYS: lease, session.
+# ARGV: holder, lease (ms). Returns {1, record} when taken (the record false if there is none), {0} otherwise.
+_TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+return {1, redis.call('GET', KEYS[2])}
+"""
+
+
+class LeaseLock(Lock):
+    """A request's lease (redis-py's Lock) whose taking also reads the request's record, in the same round trip: a
+    worker that just took the lease works from the record as it is then (another may have finished the request
+    between its submit and the taking), in :attr:`record`."""
+
+    def __init__(self, client: redis.Redis, request_id: str, seconds: float, take: Callable[..., object]) -> None:
+        super().__init__(client, f"{PREFIX}lease:{request_id}", timeout=seconds, thread_local=False)
+        self._take = take
+        self._record_key = f"{PREFIX}session:{request_id}"
+        self.record: SessionRecord | None = None
+
+    def do_acquire(self, token: str | bytes) -> bool:
+        assert self.timeout is not None
+        reply = self._take(keys=[self.name, self._record_key], args=[token, int(self.timeout * 1000)])
+        assert isinstance(reply, list)
+        if not reply[0]:
+            return False
+        self.record = SessionRecord.model_validate_json(reply[1]) if reply[1] else None
+        return True
+
+
 class Advance(IntEnum):
     """What :meth:`Store.advance` found."""
 
@@ -229,6 +258,7 @@ class Store:
         self.retention_seconds = retention_seconds
         self._write_script = client.register_script(_WRITE)
         self._create_script = client.register_script(_CREATE)
+        self._take_script = client.register_script(_TAKE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -454,11 +484,10 @@ class Store:
                 rekey.set_if_unchanged(key, raw, record.model_dump_json(), changed)
 
     # -- leases -----------------------------------------------------------------------------------------
-    def lease(self, request_id: str, seconds: float) -> Lock:
-        """The lease on ``request_id`` (:mod:`worker.lease`): a lock whose token names the worker holding it.
-        Not thread-local: the heartbeat thread renews what the bring-up thread acquired."""
-        lock: Lock = self.redis.lock(f"{PREFIX}lease:{request_id}", timeout=seconds, thread_local=False)
-        return lock
+    def lease(self, request_id: str, seconds: float) -> LeaseLock:
+        """The lease on ``request_id`` (:mod:`worker.lease`): a lock whose token names the worker holding it, and
+        whose taking reads the request's record. Not thread-local: the heartbeat renews what the bring-up acquired."""
+        return LeaseLock(self.redis, request_id, seconds, self._take_script)
 
     def lease_holder(self, request_id: str) -> str | None:
         holder = self.redis.get(f"{PREFIX}lease:{request_id}")

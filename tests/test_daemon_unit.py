@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +315,42 @@ def test_daemon_clients_share_a_connection_pool_but_no_token_or_cookie() -> None
         second.close()
         with pytest.raises(RuntimeError, match="closed"):
             second.get_json("/v1/echo")
+
+
+def test_daemon_requests_take_the_environments_proxy_unless_no_proxy_names_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As an httpx client would: ``HTTP_PROXY`` carries a daemon's requests (this proxy answers them itself), and
+    ``NO_PROXY`` sends those to the hosts it names direct (here: to nothing listening)."""
+    seen: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.lower(), raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
+        monkeypatch.setenv("NO_PROXY", "direct.invalid")
+        assert DaemonClient(Endpoint("http://daemon.invalid:2468"), SecretStr("t")).health()
+        assert seen == ["http://daemon.invalid:2468/v1/health"]
+        assert not DaemonClient(Endpoint("http://direct.invalid:2468"), SecretStr("t")).health()
+        assert seen == ["http://daemon.invalid:2468/v1/health"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
 
 
 def test_closing_a_client_ends_its_event_stream_at_once() -> None:

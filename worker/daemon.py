@@ -20,6 +20,7 @@ import shlex
 import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
@@ -357,44 +358,34 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-class _NoCookies(httpx.Cookies):
-    """Cookies that are never kept: see :class:`_Client`."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-
-class _Client(httpx.Client):
-    """An httpx client that keeps no cookie: one shared by every daemon must never carry one daemon's (or its
-    edge's) to another's sandbox. It also spares httpx's reading of every response into the client's cookie jar
-    (~15% of its CPU per request: urllib request objects built for the standard library's cookie jar)."""
-
-    _no_cookies = _NoCookies()
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
-
-    @cookies.setter
-    def cookies(self, cookies: object) -> None:
-        raise TypeError("the daemon client keeps no cookies")
-
-
 @functools.cache
-def _shared_http() -> httpx.Client:
-    """One HTTP client per worker process for every daemon: building one per session cost ~1 ms of CPU (proxy
-    settings from the environment, headers, transport) and a new connection for each of the session's requests
-    and its event stream; the connection pool is shared instead, each request carrying its daemon's headers and
-    full URL. No connection limit: an event stream holds its connection while it is read."""
-    return _Client(
-        verify=_tls(),
-        follow_redirects=False,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+def _pool(proxy: str | None) -> httpx.HTTPTransport:
+    """The worker process's connections to daemons, direct or through ``proxy``: one pool for every daemon, each
+    request carrying its daemon's headers and full URL (a client per session cost ~1 ms of CPU and new connections
+    for each of its requests). No connection limit: an event stream holds its connection while it is read.
+
+    Requests go to the transport itself, not through an ``httpx.Client``: a client's per-request work (merging its
+    defaults, cookies, auth, redirects, hooks; none of which a daemon's requests use) was a quarter of each
+    request's CPU. Without a client there is no cookie jar either, so no daemon's (or its edge's) cookie ever goes
+    to another's sandbox."""
+    return httpx.HTTPTransport(
+        verify=_tls(), proxy=proxy, limits=httpx.Limits(max_connections=None, max_keepalive_connections=20)
     )
 
 
 # A forked worker process (Celery's prefork children) must not share its parent's connections.
-os.register_at_fork(after_in_child=_shared_http.cache_clear)
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def pool_for(url: httpx.URL) -> httpx.HTTPTransport:
+    """The connections a request to ``url`` goes through: the environment's proxy for its scheme (``HTTPS_PROXY``,
+    ``HTTP_PROXY``, ``ALL_PROXY``) unless ``NO_PROXY`` names its host, as the standard library reads them (an
+    httpx client would too); direct otherwise."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and urllib.request.proxy_bypass(url.host):
+        proxy = None
+    return _pool(proxy)
 
 
 def _interrupt(response: httpx.Response) -> None:
@@ -412,8 +403,8 @@ class _NotUp(Exception):
 
 
 class DaemonClient:
-    """Requests to one daemon, its token sent as ``Authorization: Bearer``, over the worker process's shared HTTP
-    client (or over ``transport`` alone, for tests)."""
+    """Requests to one daemon, its token sent as ``Authorization: Bearer``, over the worker process's shared
+    connections (:func:`pool_for`; or over ``transport`` alone, for tests)."""
 
     def __init__(
         self,
@@ -425,30 +416,26 @@ class DaemonClient:
     ) -> None:
         self.endpoint = endpoint
         self.timeout = httpx.Timeout(timeout)
+        self._timeout = self.timeout.as_dict()
         self._headers = {**endpoint.headers, "Authorization": f"Bearer {token.get_secret_value()}"}
         self._base = endpoint.url.rstrip("/")
         self._urls: dict[str, httpx.URL] = {}
         self._own = transport is not None
         self._closed = False
         self._streams: set[httpx.Response] = set()
-        self._http = _Client(transport=transport, follow_redirects=False) if transport is not None else _shared_http()
+        self._transport = transport if transport is not None else pool_for(httpx.URL(self._base))
 
     def __repr__(self) -> str:
         return f"DaemonClient({self.endpoint.url!r})"
 
     def close(self) -> None:
         """No more requests; this client's event streams end at once (their readers see the connection closed), so
-        none lingers in the shared pool. The shared client stays open for the process's next sessions."""
+        none lingers in the shared pool. The shared pool stays open for the process's next sessions."""
         self._closed = True
         for response in self._streams.copy():
             _interrupt(response)
         if self._own:
-            self._http.close()
-
-    def _open(self) -> httpx.Client:
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
-        return self._http
+            self._transport.close()
 
     def url(self, path: str) -> httpx.URL:
         """The daemon's URL of ``path``, parsed once (httpx parses a URL string again at every step of a request)."""
@@ -456,6 +443,18 @@ class DaemonClient:
         if url is None:
             url = self._urls[path] = httpx.URL(self._base + path)
         return url
+
+    def _send(
+        self, method: str, path: str, headers: Mapping[str, str], timeout: float | httpx.Timeout | None, **kwargs: Any
+    ) -> httpx.Response:
+        """``method path`` sent, its response's body not read yet."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        limits = self._timeout if timeout is None else httpx.Timeout(timeout).as_dict()
+        request = httpx.Request(method, self.url(path), headers=headers, extensions={"timeout": limits}, **kwargs)
+        response = self._transport.handle_request(request)
+        response.request = request
+        return response
 
     def request(
         self,
@@ -466,14 +465,15 @@ class DaemonClient:
         timeout: float | httpx.Timeout | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """``method path`` on the daemon (``kwargs`` as httpx takes them: params, content, json)."""
-        return self._open().request(
-            method,
-            self.url(path),
-            headers={**self._headers, **headers} if headers else self._headers,
-            timeout=self.timeout if timeout is None else timeout,
-            **kwargs,
+        """``method path`` on the daemon (``kwargs`` as httpx takes them: params, content, json), its body read."""
+        response = self._send(
+            method, path, {**self._headers, **headers} if headers else self._headers, timeout, **kwargs
         )
+        try:
+            response.read()
+        finally:
+            response.close()
+        return response
 
     @contextlib.contextmanager
     def events(
@@ -481,12 +481,13 @@ class DaemonClient:
     ) -> Iterator[EventSource]:
         """The daemon's SSE stream at ``path`` (as httpx_sse.connect_sse opens it, on a URL parsed once)."""
         sse = {**self._headers, **(headers or {}), "Accept": "text/event-stream", "Cache-Control": "no-store"}
-        with self._open().stream("GET", self.url(path), headers=sse, timeout=timeout) as response:
-            self._streams.add(response)
-            try:
-                yield EventSource(response)
-            finally:
-                self._streams.discard(response)
+        response = self._send("GET", path, sse, timeout)
+        self._streams.add(response)
+        try:
+            yield EventSource(response)
+        finally:
+            self._streams.discard(response)
+            response.close()
 
     def health(self) -> bool:
         try:

@@ -103,6 +103,23 @@ def test_leases_held_at_once_are_renewed_by_one_thread_until_dropped(
     assert not any(redis_client.exists(f"{PREFIX}lease:renewed-{n}") for n in range(5))
 
 
+def test_a_failing_heartbeat_does_not_stop_the_renewal_of_other_leases(settings: Settings) -> None:
+    """The renewal thread is shared: a holder whose heartbeat raises something unexpected is logged, and every other
+    lease (and that one) is still renewed."""
+    store = Store.from_settings(settings)
+    beats: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a heartbeat")
+
+    failing = Lease(store, "renewed-failing", "worker-a", 1.5, on_beat=broken)
+    healthy = Lease(store, "renewed-healthy", "worker-a", 1.5, on_beat=lambda: beats.append("beat"))
+    assert failing.acquire() and healthy.acquire()
+    with failing.heartbeat(), healthy.heartbeat():
+        time.sleep(2.5)
+        assert failing.held() and healthy.held() and len(beats) >= 3
+
+
 def test_the_same_request_id_creates_one_record(settings: Settings, redis_client: redis_lib.Redis) -> None:
     """create() writes a new request's record with its indexes and the fleet marker; a second create of the same
     request returns the first record and writes nothing."""

@@ -101,7 +101,12 @@ class _Renewals:
     def _run(self) -> None:
         while True:
             held = self._next()
-            if held.beat():
+            try:
+                again = held.beat()
+            except Exception:  # one holder's failure must not end the renewal of every other lock in the process
+                log.exception("lock renewal failed unexpectedly", lock=held.name)
+                again = True
+            if again:
                 with self._wake:
                     heapq.heappush(self._due, (time.monotonic() + held.period, next(self._order), held))
 

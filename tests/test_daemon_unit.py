@@ -36,6 +36,7 @@ from worker.daemon import (
     put_daemon,
     raise_for_problem,
 )
+from worker.daemon import _proxies as proxies_of_the_process
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
 from worker.models import InstallMode
 
@@ -344,6 +345,7 @@ def test_daemon_requests_take_the_environments_proxy_unless_no_proxy_names_the_h
             monkeypatch.delenv(name.lower(), raising=False)
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
         monkeypatch.setenv("NO_PROXY", "direct.invalid")
+        proxies_of_the_process.cache_clear()  # read once per process: this one's environment now
         assert DaemonClient(Endpoint("http://daemon.invalid:2468"), SecretStr("t")).health()
         assert seen == ["http://daemon.invalid:2468/v1/health"]
         assert not DaemonClient(Endpoint("http://direct.invalid:2468"), SecretStr("t")).health()
@@ -351,6 +353,8 @@ def test_daemon_requests_take_the_environments_proxy_unless_no_proxy_names_the_h
     finally:
         proxy.shutdown()
         proxy.server_close()
+        monkeypatch.undo()
+        proxies_of_the_process.cache_clear()
 
 
 def test_closing_a_client_ends_its_event_stream_at_once() -> None:

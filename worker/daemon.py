@@ -377,11 +377,17 @@ def _pool(proxy: str | None) -> httpx.HTTPTransport:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
+@functools.cache
+def _proxies() -> dict[str, str]:
+    """The environment's proxies, read once per process (as the shared client read them), not at every session."""
+    return urllib.request.getproxies()
+
+
 def pool_for(url: httpx.URL) -> httpx.HTTPTransport:
     """The connections a request to ``url`` goes through: the environment's proxy for its scheme (``HTTPS_PROXY``,
     ``HTTP_PROXY``, ``ALL_PROXY``) unless ``NO_PROXY`` names its host, as the standard library reads them (an
     httpx client would too); direct otherwise."""
-    proxies = urllib.request.getproxies()
+    proxies = _proxies()
     proxy = proxies.get(url.scheme) or proxies.get("all")
     if proxy and urllib.request.proxy_bypass(url.host):
         proxy = None

@@ -80,7 +80,7 @@ class _Renewals:
 
     def add(self, held: _Held) -> None:
         with self._wake:
-            heapq.heappush(self._due, (time.monotonic() + held.period, next(self._order), held))
+            self._schedule(held)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lock-renewals", daemon=True)
                 self._thread.start()
@@ -108,7 +108,11 @@ class _Renewals:
                 again = True
             if again:
                 with self._wake:
-                    heapq.heappush(self._due, (time.monotonic() + held.period, next(self._order), held))
+                    self._schedule(held)
+
+    def _schedule(self, held: _Held) -> None:
+        """With the lock held: ``held`` due a period from now."""
+        heapq.heappush(self._due, (time.monotonic() + held.period, next(self._order), held))
 
 
 @functools.cache

@@ -307,13 +307,20 @@ class Pipeline:
         one round trip (Store.advance)."""
         self._passed(attempt, stage, lost=False, terminating=False)  # a lease the heartbeat lost: write nothing
         result = attempt.record.result
-        before = result.state, result.stage
+        kept = {"state": result.state, "stage": result.stage}  # the stage never began if the write does not land
         result.state, result.stage = SessionState.starting, stage
-        found = self.store.advance(attempt.record, self.worker_id)
-        if found is not Advance.written:  # the record as it was kept: the stage never began
-            attempt.record.result.state, attempt.record.result.stage = before
-        self._passed(attempt, stage, lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
+        self._advance(attempt, stage, kept)
         self.progress(stage, attempt.record.result)
+
+    def _advance(self, attempt: _Attempt, stage: str, kept: Mapping[str, Any]) -> None:
+        """Write the record only while the lease is ours and nobody asked to end the request (one round trip,
+        Store.advance). When it is not written, the result's fields named in ``kept`` go back to what the record
+        keeps, and the bring-up stops."""
+        found = self.store.advance(attempt.record, self.worker_id)
+        if found is not Advance.written:
+            for name, value in kept.items():
+                setattr(attempt.record.result, name, value)
+        self._passed(attempt, stage, lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
 
     @contextlib.contextmanager
     def _stage(self, attempt: _Attempt, stage: StageName, *, report: Report = "write") -> Iterator[None]:
@@ -404,18 +411,10 @@ class Pipeline:
             record.result.state = SessionState.ready
             record.result.error = None
             record.result.ready_at = time.time()
-        self._commit_ready(attempt)
+        # Written like a stage's report: a session whose end was asked during its last stage ends terminated, never ready.
+        self._advance(attempt, "ready", {"state": SessionState.starting, "ready_at": None})
         log.info("session ready", sandbox_id=sandbox.sandbox_id, timings_ms=attempt.timings)
         return record.result
-
-    def _commit_ready(self, attempt: _Attempt) -> None:
-        """The ready record, written only while the lease is ours and nobody asked to end the request (one round
-        trip): a session whose end was asked during its last stage ends terminated, never ready."""
-        result = attempt.record.result
-        found = self.store.advance(attempt.record, self.worker_id)
-        if found is not Advance.written:  # the record as it was kept: never ready
-            result.state, result.ready_at = SessionState.starting, None
-        self._passed(attempt, "ready", lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
 
     def _choose_token(self, attempt: _Attempt) -> None:
         """The daemon's token: a warm daemon used as it is keeps its own; any other daemon started for the session

@@ -85,6 +85,39 @@ def test_a_request_comes_up_through_every_stage(store: Store, provider: FakeProv
     assert store.token_of(record) is not None and store.lease_holder("req-1") is None
 
 
+def test_only_a_grant_that_creates_something_is_reported_before_it_runs(store: Store, provider: FakeProvider) -> None:
+    """The credentials stage writes its record (the stage named, the lease checked) before a grant that creates
+    something outside the worker, and the grant sees it there; a strategy that only reads what it hands out leaves
+    that to the sandbox stage's report."""
+    seen: list[str | None] = []
+
+    class Minting:
+        name = Strategy("gateway")
+        creates = True
+
+        def grant(self, request: SessionRequest) -> CredentialGrant:
+            record = store.get(request.request_id)
+            seen.append(record.result.stage if record is not None else None)
+            return CredentialGrant(strategy=self.name)
+
+        def release(self, request: SessionRequest) -> None:
+            return None
+
+    reported: list[str] = []
+    broker = CredentialBroker([NoCredentials(), Minting()])  # type: ignore[list-item]
+    pipeline = Pipeline(
+        _settings(), store, lambda _name: provider, broker, progress=lambda stage, _: reported.append(stage)
+    )
+    minted = pipeline.create({**_request("minted"), "credentials": {"strategy": "gateway"}})
+    assert minted.state is SessionState.ready, minted.error
+    assert reported == ["credentials", "sandbox", "daemon", "session"] and seen == ["credentials"]
+
+    reported.clear()
+    plain = pipeline.create(_request("plain"))
+    assert plain.state is SessionState.ready and list(plain.timings_ms) == list(STAGES)
+    assert reported == ["sandbox", "daemon", "session"]
+
+
 def test_a_duplicate_gets_the_first_result_and_no_second_sandbox(store: Store, provider: FakeProvider) -> None:
     first = _pipeline(store, provider).create(_request())
     again = _pipeline(store, provider).create(_request())
@@ -379,6 +412,7 @@ class _KeyGrant:
     """A strategy handing the agent a key: the hostile case is an agent that echoes it back."""
 
     name = Strategy("byok")
+    creates = False
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
         return CredentialGrant(strategy=self.name, env={"ANTHROPIC_API_KEY": SecretStr(LEAKED)})

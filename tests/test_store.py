@@ -59,13 +59,31 @@ def test_advance_writes_only_for_the_lease_holder_and_never_once_terminate_is_as
     assert redis_client.zscore(f"{PREFIX}active", "advancing") == pytest.approx(record.result.updated_at)
     store.request_terminate("advancing")
     record.result.stage = "credentials"
-    assert store.advance(record, "worker-a") is Advance.terminating
+    assert store.advance(record, "worker-a", release=True) is Advance.terminating
     assert store.get("advancing").result.stage == "claim"  # type: ignore[union-attr]
+    assert store.lease_holder("advancing") == "worker-a"  # a write that did not land gives nothing back
+
+
+def test_the_last_write_gives_the_lease_back_only_when_it_lands(
+    settings: Settings, redis_client: redis_lib.Redis
+) -> None:
+    """A bring-up's ready write gives its lease back in the same step; another worker's write with ``release`` lands
+    nothing and leaves the holder's lease alone."""
+    store = Store.from_settings(settings)
+    record = store.create(_request("done"))
+    assert store.lease("done", 30).acquire(blocking=False, token="worker-a")
+    record.result.state = SessionState.ready
+    assert store.advance(record, "worker-b", release=True) is Advance.lease_lost
+    assert store.lease_holder("done") == "worker-a"
+    assert store.advance(record, "worker-a", release=True) is Advance.written
+    assert store.lease_holder("done") is None
+    assert store.get("done").result.state is SessionState.ready  # type: ignore[union-attr]
 
 
 def test_taking_a_lease_reads_the_record_as_it_is_then(settings: Settings, redis_client: redis_lib.Redis) -> None:
     """The lease's taking reads the request's record in the same step: a worker that takes it after another finished
-    the request sees it finished; one that cannot take it reads nothing; a request without a record reads None."""
+    the request sees it finished; one that cannot take it sees it too (and answers from it); a request without a record
+    reads None."""
     store = Store.from_settings(settings)
     record = store.create(_request("taken"))
     record.result.state = SessionState.ready
@@ -75,10 +93,37 @@ def test_taking_a_lease_reads_the_record_as_it_is_then(settings: Settings, redis
     assert lease.record is not None and lease.record.result.state is SessionState.ready
     assert redis_client.pttl(f"{PREFIX}lease:taken") > 25_000 and lease.owned()
     held = store.lease("taken", 30)
-    assert not held.acquire(blocking=False, token="worker-b") and held.record is None
+    assert not held.acquire(blocking=False, token="worker-b")
+    assert held.record is not None and held.record.result.state is SessionState.ready
     lease.release()
     bare = store.lease("no-record", 30)
     assert bare.acquire(blocking=False, token="worker-a") and bare.record is None
+    assert redis_client.get(f"{PREFIX}session:no-record") is None
+
+
+def test_a_lease_taken_with_a_record_to_create_creates_it_once(
+    settings: Settings, redis_client: redis_lib.Redis
+) -> None:
+    """A bring-up creates its request's record as it takes the lease (one round trip): written with its indexes when
+    the request has none; the one there is kept and read when it has, and a worker that cannot take the lease creates
+    nothing either."""
+    store = Store.from_settings(settings)
+    new = store.new_record(_request("claimed"))
+    lease = store.lease("claimed", 30, create=new)
+    assert lease.acquire(blocking=False, token="worker-a") and lease.record is new
+    kept = store.get("claimed")
+    assert kept is not None and kept.created_at == new.created_at and kept.result.state is SessionState.queued
+    assert redis_client.zscore(f"{PREFIX}active", "claimed") == pytest.approx(new.result.updated_at)
+    assert redis_client.zscore(f"{PREFIX}live", "claimed") == pytest.approx(new.deadline)
+    assert store.fleet_since() is not None
+    again = store.new_record(_request("claimed"))
+    other = store.lease("claimed", 30, create=again)
+    assert not other.acquire(blocking=False, token="worker-b")
+    assert other.record is not None and other.record.created_at == new.created_at
+    lease.release()
+    third = store.lease("claimed", 30, create=again)
+    assert third.acquire(blocking=False, token="worker-b") and third.record is not None
+    assert third.record.created_at == new.created_at and store.get("claimed").created_at == new.created_at  # type: ignore[union-attr]
 
 
 def test_leases_held_at_once_are_renewed_by_one_thread_until_dropped(

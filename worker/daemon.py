@@ -57,7 +57,10 @@ def new_token() -> SecretStr:
     return SecretStr(secrets.token_urlsafe(32))
 
 
+@functools.cache
 def _asset(name: str) -> bytes:
+    """A file shipped with the worker, read once per process: the front is uploaded on every session's path when its
+    image's is not the worker's."""
     return resources.files("worker").joinpath("assets", name).read_bytes()
 
 

@@ -147,11 +147,13 @@ class Lease:
         seconds: float,
         *,
         on_beat: Callable[[], None] = lambda: None,
+        create: SessionRecord | None = None,
     ) -> None:
+        """``create``: the request's record, written as the lease is taken if the request has none yet."""
         self.request_id = request_id
         self.seconds = seconds
         self.lost = threading.Event()
-        self._lock = store.lease(request_id, seconds)
+        self._lock = store.lease(request_id, seconds, create=create)
         self._holder = holder
         self._on_beat = on_beat
 
@@ -161,13 +163,18 @@ class Lease:
 
     @property
     def record(self) -> SessionRecord | None:
-        """The request's record as it was when the lease was taken (read in the same round trip)."""
+        """The request's record as it was when the lease was taken, or found held (read in the same round trip)."""
         return self._lock.record
 
     def release(self) -> None:
-        """Give the lease back if we still hold it (one that ran out and was taken over stays with its taker)."""
+        """Give the lease back if we still hold it (one that ran out and was taken over stays with its taker; one
+        :meth:`given_back` already asks nothing of Redis)."""
         with contextlib.suppress(LockError):
             self._lock.release()
+
+    def given_back(self) -> None:
+        """The lease was deleted in Redis by a write that checked it was ours (Store.advance's ``release``)."""
+        self._lock.local.token = None
 
     def held(self) -> bool:
         """Whether the lease is still ours, asked of Redis: false once it ran out, even if nobody took it yet, and

@@ -187,49 +187,40 @@ class Pipeline:
                 self.store.reject(rejected)  # no record to hold the answer: keep it where clients look
             return rejected
 
-        record = self.store.create(request)
-        if record.request != request:
-            # The id is the first request's: its record stays as it is, and this one is answered only here.
-            error = InvalidRequest(
-                "request_id is already used by a different request", field="request_id", stage="claim"
-            )
-            log.info("request rejected", field="request_id", reason=error.message)
-            return invalid_result({"request_id": request.request_id}, error)
-        if record.result.state.terminal:
-            return record.result
-        result = self._run_if_claimed(request)
-        return result if result is not None else self._wait_for_other(request)
-
-    def _run_if_claimed(self, request: SessionRequest) -> SessionResult | None:
-        """Bring the request up if we can take its lease; None when another worker holds it."""
+        # The request's record is created (if it is not there yet) as its lease is taken, in one round trip.
         lease = Lease(
             self.store,
             request.request_id,
             self.worker_id,
             self.settings.lease_seconds,
             on_beat=lambda: self.limits.renew(request),
+            create=self.store.new_record(request),
         )
-        if not lease.acquire():
-            return None
+        taken = lease.acquire()
         try:
+            record = lease.record
+            assert record is not None
+            if record.request != request:
+                # The id is the first request's: its record stays as it is, and this one is answered only here.
+                error = InvalidRequest(
+                    "request_id is already used by a different request", field="request_id", stage="claim"
+                )
+                log.info("request rejected", field="request_id", reason=error.message)
+                return invalid_result({"request_id": request.request_id}, error)
+            if record.result.state.terminal:
+                return record.result
+            if not taken:
+                # Another worker holds the lease: answer at once with the state as it stands, holding no process;
+                # the task asks again after a short countdown (and takes over if the lease has expired by then).
+                raise RetryLater(Busy("another worker is bringing this request up"), record.result)
             return self._run(request, lease)
         finally:
-            lease.release()
-
-    def _wait_for_other(self, request: SessionRequest) -> SessionResult:
-        """Another worker holds the lease: answer at once, holding no process. RetryLater(Busy) carries the state as
-        it stands; the task asks again after a short countdown (and takes over if the lease has expired by then)."""
-        current = self.store.get(request.request_id)
-        assert current is not None
-        if current.result.state.terminal:
-            return current.result
-        raise RetryLater(Busy("another worker is bringing this request up"), current.result)
+            if taken:
+                lease.release()
 
     def _run(self, request: SessionRequest, lease: Lease) -> SessionResult:
         record = lease.record
         assert record is not None
-        if record.result.state.terminal:
-            return record.result
         record.attempts += 1
         record.result.started_at = time.time()
         attempt = _Attempt(record=record, lease=lease)
@@ -312,14 +303,16 @@ class Pipeline:
         self._advance(attempt, stage, kept)
         self.progress(stage, attempt.record.result)
 
-    def _advance(self, attempt: _Attempt, stage: str, kept: Mapping[str, Any]) -> None:
+    def _advance(self, attempt: _Attempt, stage: str, kept: Mapping[str, Any], *, release: bool = False) -> None:
         """Write the record only while the lease is ours and nobody asked to end the request (one round trip,
-        Store.advance). When it is not written, the result's fields named in ``kept`` go back to what the record
-        keeps, and the bring-up stops."""
-        found = self.store.advance(attempt.record, self.worker_id)
+        Store.advance), giving the lease back with it when ``release``. When it is not written, the result's fields
+        named in ``kept`` go back to what the record keeps, and the bring-up stops."""
+        found = self.store.advance(attempt.record, self.worker_id, release=release)
         if found is not Advance.written:
             for name, value in kept.items():
                 setattr(attempt.record.result, name, value)
+        elif release:
+            attempt.lease.given_back()
         self._passed(attempt, stage, lost=found is Advance.lease_lost, terminating=found is Advance.terminating)
 
     @contextlib.contextmanager
@@ -371,8 +364,12 @@ class Pipeline:
             if record.attempts > 1:
                 self._adopt_or_remove(provider, request, attempt)
 
-        with self._stage(attempt, "credentials"):
+        # Reported only before a grant that creates something (a vault placeholder, a minted key): other strategies
+        # read what they hand out, and the sandbox stage's report carries their stage.
+        with self._stage(attempt, "credentials", report="none"):
             effective = self.credentials.effective(request)  # the tenant default, for this stage and the next
+            if self.credentials.creates(effective):
+                self._report(attempt, "credentials")
             grant = attempt.grant = self.credentials.grant(request, effective=effective)
             attempt.mask(grant.secret_values())
 
@@ -412,7 +409,8 @@ class Pipeline:
             record.result.error = None
             record.result.ready_at = time.time()
         # Written like a stage's report: a session whose end was asked during its last stage ends terminated, never ready.
-        self._advance(attempt, "ready", {"state": SessionState.starting, "ready_at": None})
+        # The lease goes back with it: nothing after this touches what it guards.
+        self._advance(attempt, "ready", {"state": SessionState.starting, "ready_at": None}, release=True)
         log.info("session ready", sandbox_id=sandbox.sandbox_id, timings_ms=attempt.timings)
         return record.result
 

@@ -186,7 +186,8 @@ class Rekey:
 # A record's write with its indexes and the wake-up of its waiters, in one round trip; with a holder, only while it
 # holds the request's lease and no client asked to end it (a bring-up's checkpoint). KEYS: session, active, live,
 # lease, terminate. ARGV: record, expiry (s; 0: none), request id, updated_at, deadline ('' once over: off the live
-# index), '1' when unfinished (on the active index), channel, holder ('': no check).
+# index), '1' when unfinished (on the active index), channel, holder ('': no check), '1' to give the holder's lease
+# back once written.
 _WRITE = """
 if ARGV[8] ~= '' then
   if redis.call('GET', KEYS[4]) ~= ARGV[8] then return 1 end
@@ -196,51 +197,52 @@ if ARGV[2] ~= '0' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) else r
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) else redis.call('ZREM', KEYS[2], ARGV[3]) end
 if ARGV[5] == '' then redis.call('ZREM', KEYS[3], ARGV[3]) else redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3]) end
 redis.call('PUBLISH', ARGV[7], '')
+if ARGV[9] == '1' then redis.call('DEL', KEYS[4]) end
 return 0
 """
 
 
-# A new request's queued record, its indexes and the fleet marker, in one round trip; the record already there if
-# there is one (nothing written then). KEYS: session, fleet marker, active, live. ARGV: record, created_at (s),
-# request id, updated_at, deadline.
-_CREATE = """
+# A request's record created queued if it does not exist yet (with its indexes and the fleet marker), and its lease
+# taken if a holder is given and nobody holds it: one round trip for a bring-up's claim. KEYS: session, fleet marker,
+# active, live, lease. ARGV: record ('': create none), created_at (s), request id, updated_at, deadline, holder ('':
+# take no lease), lease (ms). Returns {1 if the lease was taken else 0, the record there before (false: none)}.
+_CLAIM = """
 local existing = redis.call('GET', KEYS[1])
-if existing then return existing end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2], 'NX')
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
-return false
+if not existing and ARGV[1] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[2], 'NX')
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
+end
+local taken = 0
+if ARGV[6] ~= '' and redis.call('SET', KEYS[5], ARGV[6], 'NX', 'PX', ARGV[7]) then taken = 1 end
+return {taken, existing}
 """
 
-
-# A request's lease taken if nobody holds it, and then its record read, in one round trip. KEYS: lease, session.
-# ARGV: holder, lease (ms). Returns {1, record} when taken (the record false if there is none), {0} otherwise.
-_TAKE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
-return {1, redis.call('GET', KEYS[2])}
-"""
+# Store._claim: (request id, holder, lease ms, record to create) -> (lease taken, the record there before).
+Claim = Callable[[str, str | bytes, int, SessionRecord | None], tuple[bool, SessionRecord | None]]
 
 
 class LeaseLock(Lock):
-    """A request's lease (redis-py's Lock) whose taking also reads the request's record, in the same round trip: a
-    worker that just took the lease works from the record as it is then (another may have finished the request
-    between its submit and the taking), in :attr:`record`."""
+    """A request's lease (redis-py's Lock) whose taking also reads the request's record, and creates it first when
+    given one to create, in the same round trip (:data:`_CLAIM`): a worker works from the record as it is when it
+    takes the lease (another may have finished the request between its submit and the taking), and one that cannot
+    take it answers from that record at once; both in :attr:`record`."""
 
-    def __init__(self, client: redis.Redis, request_id: str, seconds: float, take: Callable[..., object]) -> None:
+    def __init__(
+        self, client: redis.Redis, request_id: str, seconds: float, claim: Claim, create: SessionRecord | None
+    ) -> None:
         super().__init__(client, f"{PREFIX}lease:{request_id}", timeout=seconds, thread_local=False)
-        self._take = take
-        self._record_key = f"{PREFIX}session:{request_id}"
+        self._claim = claim
+        self._request_id = request_id
+        self._create = create
         self.record: SessionRecord | None = None
 
     def do_acquire(self, token: str | bytes) -> bool:
         assert self.timeout is not None
-        reply = self._take(keys=[self.name, self._record_key], args=[token, int(self.timeout * 1000)])
-        assert isinstance(reply, list)
-        if not reply[0]:
-            return False
-        self.record = SessionRecord.model_validate_json(reply[1]) if reply[1] else None
-        return True
+        taken, existing = self._claim(self._request_id, token, int(self.timeout * 1000), self._create)
+        self.record = existing if existing is not None else self._create
+        return taken
 
 
 class Advance(IntEnum):
@@ -257,8 +259,7 @@ class Store:
         self.cipher = cipher
         self.retention_seconds = retention_seconds
         self._write_script = client.register_script(_WRITE)
-        self._create_script = client.register_script(_CREATE)
-        self._take_script = client.register_script(_TAKE)
+        self._claim_script = client.register_script(_CLAIM)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -299,12 +300,13 @@ class Store:
         is redacted here, in place, so the record and whatever returns ``record.result`` are masked alike."""
         self._write(record, holder="")
 
-    def advance(self, record: SessionRecord, holder: str) -> Advance:
+    def advance(self, record: SessionRecord, holder: str, *, release: bool = False) -> Advance:
         """A bring-up's checkpoint and its record's write in one step (one round trip, atomic): :meth:`put` only if
-        ``holder`` holds the lease on the request and no client asked to end it; otherwise nothing is written."""
-        return self._write(record, holder=holder)
+        ``holder`` holds the lease on the request and no client asked to end it; otherwise nothing is written. With
+        ``release`` the lease is given back once written (the bring-up's last write)."""
+        return self._write(record, holder=holder, release=release)
 
-    def _write(self, record: SessionRecord, *, holder: str) -> Advance:
+    def _write(self, record: SessionRecord, *, holder: str, release: bool = False) -> Advance:
         record.result.updated_at = time.time()
         document = record.model_dump_json()
         if REDACTOR.found_in_json(document):
@@ -322,6 +324,7 @@ class Store:
             "1" if state in _UNFINISHED else "0",
             f"{PREFIX}updated:{request_id}",
             holder,
+            "1" if release else "0",
         ]
         return Advance(int(self._write_script(keys=keys, args=args)))
 
@@ -345,8 +348,14 @@ class Store:
 
     def create(self, request: SessionRequest) -> SessionRecord:
         """The record for ``request``, created queued if it does not exist yet (one winner), else the one there; with
-        its indexes in the same round trip."""
-        record = SessionRecord(
+        its indexes in the same round trip. A bring-up creates it as it takes the lease (:meth:`lease`)."""
+        record = self.new_record(request)
+        return self._claim(request.request_id, "", 0, record)[1] or record
+
+    @staticmethod
+    def new_record(request: SessionRequest) -> SessionRecord:
+        """A queued record of ``request``, not written yet."""
+        return SessionRecord(
             request=request,
             result=SessionResult(
                 request_id=request.request_id,
@@ -357,17 +366,24 @@ class Store:
             ),
             created_at=time.time(),
         )
-        request_id = request.request_id
+
+    def _claim(
+        self, request_id: str, holder: str | bytes, lease_ms: int, create: SessionRecord | None
+    ) -> tuple[bool, SessionRecord | None]:
+        """:data:`_CLAIM`: whether the lease was taken (none asked without ``holder``), and the record there before."""
         keys = [f"{PREFIX}session:{request_id}", FLEET_MARKER, f"{PREFIX}active", f"{PREFIX}live"]
-        args: list[str | int] = [
-            record.model_dump_json(),
-            int(record.created_at),
-            request_id,
-            repr(record.result.updated_at),
-            repr(record.deadline),
-        ]
-        existing = self._create_script(keys=keys, args=args)
-        return SessionRecord.model_validate_json(existing) if existing else record
+        keys.append(f"{PREFIX}lease:{request_id}")
+        args: list[str | bytes | int] = ["", 0, request_id, "", ""]
+        if create is not None:
+            args = [
+                create.model_dump_json(),
+                int(create.created_at),
+                request_id,
+                repr(create.result.updated_at),
+                repr(create.deadline),
+            ]
+        taken, existing = self._claim_script(keys=keys, args=[*args, holder, lease_ms])
+        return bool(taken), SessionRecord.model_validate_json(existing) if existing else None
 
     def reject(self, result: SessionResult) -> None:
         """Keep the answer to a request refused before it had a record, unless a record holds its id (a valid
@@ -484,10 +500,11 @@ class Store:
                 rekey.set_if_unchanged(key, raw, record.model_dump_json(), changed)
 
     # -- leases -----------------------------------------------------------------------------------------
-    def lease(self, request_id: str, seconds: float) -> LeaseLock:
+    def lease(self, request_id: str, seconds: float, *, create: SessionRecord | None = None) -> LeaseLock:
         """The lease on ``request_id`` (:mod:`worker.lease`): a lock whose token names the worker holding it, and
-        whose taking reads the request's record. Not thread-local: the heartbeat renews what the bring-up acquired."""
-        return LeaseLock(self.redis, request_id, seconds, self._take_script)
+        whose taking reads the request's record, creating ``create`` first if there is none. Not thread-local: the
+        heartbeat renews what the bring-up acquired."""
+        return LeaseLock(self.redis, request_id, seconds, self._claim, create)
 
     def lease_holder(self, request_id: str) -> str | None:
         holder = self.redis.get(f"{PREFIX}lease:{request_id}")

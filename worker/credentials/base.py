@@ -80,6 +80,9 @@ class CredentialStrategy(Protocol):
     """One way of giving an agent its LLM credentials."""
 
     name: Strategy
+    # Whether ``grant`` creates something outside the worker that ``release`` undoes (a placeholder bound in Redis, a
+    # minted key): the bring-up's record names the credentials stage before such a grant runs.
+    creates: bool
 
     def grant(self, request: SessionRequest) -> CredentialGrant:
         """Credentials for this request; raises CredentialError (naming the field) when it cannot."""
@@ -108,6 +111,7 @@ class RegisteredStrategy(ABC):
     ``settings.credentials.strategy_settings(name, model)``)."""
 
     name: Strategy
+    creates: bool = False  # as CredentialStrategy.creates
     settings_model: ClassVar[type[BaseModel] | None] = None
 
     @classmethod

@@ -65,6 +65,12 @@ class CredentialBroker:
             )
         return chosen
 
+    def creates(self, effective: SessionRequest) -> bool:
+        """Whether granting ``effective`` (a request with its tenant default applied) creates something outside the
+        worker (:attr:`CredentialStrategy.creates`)."""
+        strategy = self.strategies.get(self._strategy_of(effective))
+        return strategy is not None and strategy.creates
+
     def grant(self, request: SessionRequest, *, effective: SessionRequest | None = None) -> CredentialGrant:
         """The credentials of ``request``; ``effective`` is ``self.effective(request)`` where the caller read it
         already (the tenant default is read once per bring-up)."""

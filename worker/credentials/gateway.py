@@ -186,6 +186,7 @@ def gateway_keys(settings: Settings, store: Store) -> GatewayKeys | None:
 
 class PerTenantGateway(RegisteredStrategy):
     name = Strategy("gateway")
+    creates = True
     settings_model = GatewaySettings
 
     def __init__(self, keys: GatewayKeys, default: GatewayBackend | None) -> None:

@@ -295,6 +295,7 @@ class VaultStrategy(RegisteredStrategy):
     has no block of its own."""
 
     name = Strategy("vault")
+    creates = True
 
     def __init__(self, vaults: VaultStore, placeholders: Placeholders, egress: EgressSettings) -> None:
         if not egress.public_url:

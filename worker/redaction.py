@@ -53,8 +53,11 @@ class Redactor:
         )
 
     def register(self, values: Iterable[str]) -> None:
+        added = [v for v in values if len(v) >= _MIN_LENGTH]
+        if not added:  # a grant or an endpoint with no secret: nothing to re-sort on a bring-up's path
+            return
         with self._lock:
-            self._values.update(v for v in values if len(v) >= _MIN_LENGTH)
+            self._values.update(added)
             self._changed()
 
     def forget(self, values: Iterable[str]) -> None:

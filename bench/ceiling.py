@@ -6,6 +6,12 @@ run ``Pipeline.create`` for their share of the sessions, one after another, agai
 own (their token table shared through a ``multiprocessing`` manager, a process too), so what each worker process
 spends is the worker's alone: sessions/s is over the wall clock of the timed window, worker CPU per session the
 worker processes' CPU (every thread) over the sessions they brought up.
+
+Its baseline in the same run is the daemon protocol alone: before the timed window each worker process also holds,
+one after another, the conversation a session has with its daemon (its token given to the stand-in, ``initialize``,
+the event stream, ``session/new`` and the prompt, over the worker's own client code) with no orchestration around
+it: no record, no lease, no stages. The worker's CPU over that floor is what the orchestration costs, comparable
+across hours of a machine whose speed swings; the absolute figures are not.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import time
+import uuid
 from dataclasses import dataclass, field
 from multiprocessing.managers import SyncManager
 from multiprocessing.synchronize import Barrier, Event
@@ -22,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Bench
+from providers.base import Endpoint
 from providers.fake import DaemonTables, FakeProvider, StandInDaemons
+from worker import daemon
+from worker.acp import AcpConnection
+from worker.config import Settings
 from worker.credentials.broker import build_broker
 from worker.models import SessionState
 from worker.pipeline import Pipeline
@@ -55,6 +66,8 @@ class Share:
     stages_ms: list[dict[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cpu_s: float = 0.0
+    protocol_sessions: int = 0
+    protocol_cpu_s: float = 0.0  # the daemon protocol alone, for as many sessions
 
 
 @dataclass
@@ -77,6 +90,24 @@ def _serve(tokens: Any, port: Any, stop: Event) -> None:
     daemons.close()
 
 
+def protocol_only(settings: Settings, daemons: RemoteDaemons, payload: dict[str, Any]) -> None:
+    """What a session of ``payload`` says to its daemon, and nothing else: the daemon started with a new token (in the
+    stand-in's table, as the null provider starts it), ACP ``initialize``, ``session/new`` and the prompt, with the
+    event stream read, through the worker's DaemonClient and AcpConnection."""
+    sandbox_id = f"protocol-{uuid.uuid4().hex[:12]}"
+    token = daemon.new_token()
+    daemons.start(sandbox_id, {"SW_FRONT_TOKEN": token.get_secret_value()})
+    client = daemon.DaemonClient(Endpoint(url=daemons.url(sandbox_id)), token, timeout=settings.session_timeout)
+    acp = AcpConnection(client, f"sw-{sandbox_id}-1", payload["agent"])
+    try:
+        acp.initialize(settings.session_timeout)
+        session_id = acp.new_session("/workspace", settings.session_timeout)
+        acp.prompt(session_id, payload["session"]["prompt"], settings.prompt_timeout)
+    finally:
+        acp.detach()
+        client.close()
+
+
 def _work(bench: Bench, daemons: RemoteDaemons, sessions: int, start: Barrier, out: Any) -> None:
     settings = bench.settings()
     store = Store.from_settings(settings)
@@ -84,7 +115,11 @@ def _work(bench: Bench, daemons: RemoteDaemons, sessions: int, start: Barrier, o
     pipeline = Pipeline(settings, store, lambda _name: provider, build_broker(settings, store))
     for _ in range(WARM_UP):
         pipeline.create(bench.request("mock"))
-    share = Share()
+    share = Share(protocol_sessions=sessions)
+    cpu = time.process_time()
+    for _ in range(sessions):
+        protocol_only(settings, daemons, bench.request("mock"))
+    share.protocol_cpu_s = time.process_time() - cpu
     start.wait()
     cpu = time.process_time()
     for _ in range(sessions):

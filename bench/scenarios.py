@@ -243,7 +243,8 @@ def burst(bench: Bench) -> Row:
 
 def ceiling(bench: Bench) -> Row:
     """The orchestration alone (bench/ceiling.py): Pipeline.create in ``bench.ceiling_processes`` worker processes with
-    a null provider, stand-in daemons in a process of their own, and real Redis."""
+    a null provider, stand-in daemons in a process of their own, and real Redis; against the daemon protocol alone in
+    the same processes."""
     sessions, processes = bench.ceiling_sessions, bench.ceiling_processes
     row = Row(
         "ceiling",
@@ -257,11 +258,17 @@ def ceiling(bench: Bench) -> Row:
         row.stages_ms += share.stages_ms
         row.errors += share.errors
     worker_cpu = sum(share.cpu_s for share in measured.shares)
+    protocol_cpu = sum(share.protocol_cpu_s for share in measured.shares)
+    protocol_ms = protocol_cpu * 1000 / sum(share.protocol_sessions for share in measured.shares)
+    worker_ms = worker_cpu * 1000 / sessions
     row.extra = {
         "processes": processes,
         "sessions_per_s": round(sessions / measured.wall_s, 1),
-        "worker_cpu_ms_per_session": round(worker_cpu * 1000 / sessions, 2),
+        "worker_cpu_ms_per_session": round(worker_ms, 2),
         "stand_in_daemon_cpu_ms_per_session": round(measured.stand_in_cpu_s * 1000 / sessions, 2),
+        # The same run's baseline (bench/ceiling.py): the daemon protocol alone, and what the orchestration adds.
+        "protocol_cpu_ms_per_session": round(protocol_ms, 2),
+        "worker_cpu_over_protocol": round(worker_ms / protocol_ms, 2),
     }
     return row
 

@@ -37,7 +37,8 @@ def test_every_scenario_is_registered_by_name() -> None:
 
 @pytest.mark.integration
 def test_ceiling_smoke() -> None:
-    """Five sessions through the real pipeline on a private Redis, the fake provider and stand-in daemons."""
+    """Five sessions through the real pipeline on a private Redis, the fake provider and stand-in daemons, against the
+    same run's daemon protocol alone (its CPU is part of the worker's, so the ratio is above one)."""
     bench = Bench(runs=1, max_seconds=60, ceiling_sessions=5)
     try:
         row = ceiling(bench)
@@ -48,3 +49,5 @@ def test_ceiling_smoke() -> None:
     assert set(row.stage_p50()) >= {"claim", "sandbox", "daemon", "session", "ready"}
     assert row.extra["sessions_per_s"] > 0
     assert row.extra["worker_cpu_ms_per_session"] > 0
+    assert 0 < row.extra["protocol_cpu_ms_per_session"] < row.extra["worker_cpu_ms_per_session"]
+    assert row.extra["worker_cpu_over_protocol"] > 1

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,8 @@ class Bench:
         self.key = f"sk-bench-not-a-real-key-{uuid.uuid4().hex[:8]}"
         self._resources = contextlib.ExitStack()
         self.workdir = Path(os.environ.get("TMPDIR", "/tmp")) / self.owner
+        # Its Redis's files and the workers' logs, removed last: what a failing scenario needs of a log is in its error.
+        self._resources.callback(shutil.rmtree, self.workdir, ignore_errors=True)
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline

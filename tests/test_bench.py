@@ -42,8 +42,10 @@ def test_ceiling_smoke() -> None:
     bench = Bench(runs=1, max_seconds=60, ceiling_sessions=5)
     try:
         row = ceiling(bench)
+        assert bench.workdir.is_dir()  # its private Redis's
     finally:
         bench.close()
+    assert not bench.workdir.exists()  # nothing of the run is left in the temporary directory
     assert row.errors == []
     assert len(row.latencies_ms) == 5
     assert set(row.stage_p50()) >= {"claim", "sandbox", "daemon", "session", "ready"}

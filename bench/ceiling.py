@@ -35,7 +35,7 @@ from worker import daemon
 from worker.acp import AcpConnection
 from worker.config import Settings
 from worker.credentials.broker import build_broker
-from worker.models import SessionState
+from worker.models import SessionState, parse_request
 from worker.pipeline import Pipeline
 from worker.store import Store
 
@@ -94,15 +94,17 @@ def protocol_only(settings: Settings, daemons: RemoteDaemons, payload: dict[str,
     """What a session of ``payload`` says to its daemon, and nothing else: the daemon started with a new token (in the
     stand-in's table, as the null provider starts it), ACP ``initialize``, ``session/new`` and the prompt, with the
     event stream read, through the worker's DaemonClient and AcpConnection."""
+    request = parse_request(payload)
+    assert request.session.prompt is not None
     sandbox_id = f"protocol-{uuid.uuid4().hex[:12]}"
     token = daemon.new_token()
     daemons.start(sandbox_id, {"SW_FRONT_TOKEN": token.get_secret_value()})
     client = daemon.DaemonClient(Endpoint(url=daemons.url(sandbox_id)), token, timeout=settings.session_timeout)
-    acp = AcpConnection(client, f"sw-{sandbox_id}-1", payload["agent"])
+    acp = AcpConnection(client, f"sw-{sandbox_id}-1", request.agent.value)
     try:
         acp.initialize(settings.session_timeout)
-        session_id = acp.new_session("/workspace", settings.session_timeout)
-        acp.prompt(session_id, payload["session"]["prompt"], settings.prompt_timeout)
+        session_id = acp.new_session(request.session.cwd, settings.session_timeout)
+        acp.prompt(session_id, request.session.prompt, settings.prompt_timeout)
     finally:
         acp.detach()
         client.close()

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import docker
 from cryptography.fernet import Fernet
 
+from providers import load_provider
 from providers.base import LABEL_OWNER
 from tests.conftest import RedisServer, wait_for
 from tests.standins.llm_api import LLMApiStandIn
@@ -34,8 +35,10 @@ from worker import pins
 from worker.client import SessionClient
 from worker.config import PoolTarget, Settings
 from worker.fleet import STAGES
-from worker.models import SessionResult, SessionState
-from worker.pool import pool_name
+from worker.limits import Limits
+from worker.models import ProviderName, SessionResult, SessionState
+from worker.pool import Pools, pool_name
+from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
@@ -284,8 +287,23 @@ class Bench:
         redis = self.client.store.redis
         wait_for(lambda: int(redis.zcard(key)) >= pool.size, timeout, interval=0.05, what=f"{pool.size} warm sandboxes")
 
-    def running_sandboxes(self) -> int:
-        return len(self.docker.containers.list(filters={"label": f"{LABEL_OWNER}={self.owner}"}))
+    def running_sandboxes(self, **labels: str) -> int:
+        """This run's running sandboxes, those with ``labels`` only if given."""
+        wanted = [f"{LABEL_OWNER}={self.owner}", *(f"{k}={v}" for k, v in labels.items())]
+        return len(self.docker.containers.list(filters={"label": wanted}))
+
+    def drain_pool(self, target: dict[str, Any]) -> int:
+        """Remove the ready sandboxes of the warm pool of ``target`` (Pools.drain) once its worker has stopped: a pool
+        outlives its workers by design, and its idle sandboxes and agents would otherwise run under every later
+        scenario. Returns how many were removed."""
+        settings = self.settings(pool={"targets": [target]})
+        store = Store.from_settings(settings)
+        driver = load_provider("docker", settings.provider_config(ProviderName.docker))
+        try:
+            return Pools(settings, store, lambda _name: driver, Limits(store.redis, settings.fleet, 30)).drain()
+        finally:
+            driver.close()
+            store.redis.close()
 
 
 def document(rows: list[Row], bench: Bench, started: str) -> dict[str, Any]:

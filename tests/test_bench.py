@@ -53,3 +53,21 @@ def test_ceiling_smoke() -> None:
     assert row.extra["worker_cpu_ms_per_session"] > 0
     assert 0 < row.extra["protocol_cpu_ms_per_session"] < row.extra["worker_cpu_ms_per_session"]
     assert row.extra["worker_cpu_over_protocol"] > 1
+
+
+@pytest.mark.integration
+def test_a_warm_scenario_removes_its_pool_and_the_burst_counts_its_own_sandboxes() -> None:
+    """On Docker, through real workers: a warm scenario's pool (which outlives its worker by design) is drained when
+    the scenario ends, so nothing of it runs under the scenarios after it; the burst counts the sandboxes of its own
+    sessions."""
+    bench = Bench(runs=1, max_seconds=120, burst=3)
+    try:
+        warm = SCENARIOS["warm-mock"](bench)
+        assert warm.errors == [] and len(warm.latencies_ms) == 1
+        assert bench.running_sandboxes() == 0
+        burst = SCENARIOS["burst"](bench)
+    finally:
+        bench.close()
+    assert burst.errors == [] and burst.extra["all_ready"] and burst.extra["cap_held"]
+    assert 0 < burst.extra["peak_running_sandboxes"] <= 3
+    assert burst.extra["removed_after"] == 3  # the burst's sessions, left running until the burst removes them

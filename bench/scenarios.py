@@ -124,7 +124,9 @@ def _warm(
 
     try:
         with bench.worker(concurrency=1, **worker_env):
-            return _timed_runs(bench, row, once)
+            _timed_runs(bench, row, once)
+            bench.wait_for_pool(pool)  # no fill in progress when the worker stops: its sandbox would be left behind
+            return row
     finally:
         bench.drain_pool(pool)
 

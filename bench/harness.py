@@ -299,8 +299,9 @@ class Bench:
         settings = self.settings(pool={"targets": [target]})
         store = Store.from_settings(settings)
         driver = load_provider("docker", settings.provider_config(ProviderName.docker))
+        limits = Limits(store.redis, settings.fleet, settings.lease_seconds)
         try:
-            return Pools(settings, store, lambda _name: driver, Limits(store.redis, settings.fleet, 30)).drain()
+            return Pools(settings, store, lambda _name: driver, limits).drain()
         finally:
             driver.close()
             store.redis.close()

@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -339,16 +340,17 @@ class AcpConnection:
         boot: float = 0.0,
         poll: float | None = None,
     ) -> httpx.Response | None:
+        # The query goes in the path: httpx would parse the URL twice more to merge it in.
+        path = f"{self._path}?{urllib.parse.urlencode(query)}" if query else self._path
         post: dict[str, Any] = {
-            "params": query or None,
             "content": json.dumps(envelope),
             "headers": {"Content-Type": "application/json", "Accept": "application/json"},
             "timeout": timeout,
         }
         try:
             if boot:
-                return self.client.first_request("POST", self._path, boot=boot, poll=poll, **post)
-            return self.client.request("POST", self._path, **post)
+                return self.client.first_request("POST", path, boot=boot, poll=poll, **post)
+            return self.client.request("POST", path, **post)
         finally:
             with self._inbox.lock:
                 self._inbox.lock.notify_all()

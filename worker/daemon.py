@@ -20,6 +20,7 @@ import shlex
 import socket
 import ssl
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
@@ -36,6 +37,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 from providers.base import Endpoint, ExecResult, Provider, Sandbox, detached_command
 from worker import pins
 from worker.errors import AgentError, DaemonError, DaemonUnhealthy, DaemonUnreachable
+from worker.http_transport import MAX_IDLE, HTTPClientTransport
 from worker.models import InstallMode
 
 T = TypeVar("T")
@@ -362,17 +364,20 @@ def _tls() -> ssl.SSLContext:
 
 
 @functools.cache
-def _pool(proxy: str | None) -> httpx.HTTPTransport:
+def _pool(proxy: str | None) -> httpx.BaseTransport:
     """The worker process's connections to daemons, direct or through ``proxy``: one pool for every daemon, each
     request carrying its daemon's headers and full URL (a client per session cost ~1 ms of CPU and new connections
     for each of its requests). No connection limit: an event stream holds its connection while it is read.
 
-    Requests go to the transport itself, not through an ``httpx.Client``: a client's per-request work (merging its
-    defaults, cookies, auth, redirects, hooks; none of which a daemon's requests use) was a quarter of each
-    request's CPU. Without a client there is no cookie jar either, so no daemon's (or its edge's) cookie ever goes
-    to another's sandbox."""
+    Direct requests go over the standard library's ``http.client`` (worker.http_transport: half the CPU of httpx's own
+    transport per request), proxied ones over httpx's. Requests go to the transport itself, not through an
+    ``httpx.Client``: a client's per-request work (merging its defaults, cookies, auth, redirects, hooks; none of
+    which a daemon's requests use) was a quarter of each request's CPU. Without a client there is no cookie jar
+    either, so no daemon's (or its edge's) cookie ever goes to another's sandbox."""
+    if proxy is None:
+        return HTTPClientTransport(tls=_tls())
     return httpx.HTTPTransport(
-        verify=_tls(), proxy=proxy, limits=httpx.Limits(max_connections=None, max_keepalive_connections=20)
+        verify=_tls(), proxy=proxy, limits=httpx.Limits(max_connections=None, max_keepalive_connections=MAX_IDLE)
     )
 
 
@@ -386,13 +391,15 @@ def _proxies() -> dict[str, str]:
     return urllib.request.getproxies()
 
 
-def pool_for(url: httpx.URL) -> httpx.HTTPTransport:
+def pool_for(url: str) -> httpx.BaseTransport:
     """The connections a request to ``url`` goes through: the environment's proxy for its scheme (``HTTPS_PROXY``,
     ``HTTP_PROXY``, ``ALL_PROXY``) unless ``NO_PROXY`` names its host, as the standard library reads them (an
-    httpx client would too); direct otherwise."""
+    httpx client would too); direct otherwise. The standard library splits the URL too: httpx's parser costs a
+    hundred times its CPU, on every session's path."""
+    parts = urllib.parse.urlsplit(url)
     proxies = _proxies()
-    proxy = proxies.get(url.scheme) or proxies.get("all")
-    if proxy and urllib.request.proxy_bypass(url.host):
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
         proxy = None
     return _pool(proxy)
 
@@ -432,7 +439,7 @@ class DaemonClient:
         self._own = transport is not None
         self._closed = False
         self._streams: set[httpx.Response] = set()
-        self._transport = transport if transport is not None else pool_for(httpx.URL(self._base))
+        self._transport = transport if transport is not None else pool_for(self._base)
 
     def __repr__(self) -> str:
         return f"DaemonClient({self.endpoint.url!r})"

@@ -240,7 +240,8 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     app = build_app(settings, SecretStore.from_store(Store.from_settings(settings)))
     log.info("egress proxy starting", host=host or egress.listen_host, port=port or egress.listen_port)
     # proxy_headers off: a forwarded-for header must never stand in for the source address a placeholder is
-    # bound to.
+    # bound to. h11 and asyncio named, not picked: what the tests install for their stand-ins (httptools, uvloop)
+    # must not change the proxy they test.
     uvicorn.run(
         app,
         host=host or egress.listen_host,
@@ -248,4 +249,6 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         access_log=False,
         log_config=None,
         proxy_headers=False,
+        http="h11",
+        loop="asyncio",
     )

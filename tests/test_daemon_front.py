@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import http.client
 import json
 import socket
@@ -24,12 +23,9 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.standins.server import free_port
+from tests.standins.tls import self_signed
 
 TOKEN = "front-test-token"
 SCRIPT = resources.files("worker").joinpath("assets", "daemon-front")
@@ -272,31 +268,6 @@ def test_a_bound_relay_sends_the_agents_requests_on_with_the_bound_headers_inste
     server.shutdown()
 
 
-def _certificate(directory: Path, host: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert, key_file = directory / "cert.pem", directory / "key.pem"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert, key_file
-
-
 @dataclass
 class TunnelProxy:
     """A CONNECT proxy that records each tunnel's request line and Proxy-Authorization, and opens every tunnel to
@@ -339,7 +310,7 @@ def _copy(source: socket.socket, sink: socket.socket) -> None:
 
 def test_the_relay_reaches_an_https_endpoint_through_the_sandboxs_proxy(tmp_path: Path) -> None:
     """CONNECT with the proxy's credential, then TLS checked against the CA store for the endpoint's name."""
-    cert, key = _certificate(tmp_path, "llm.test")
+    cert, key = self_signed(tmp_path, "llm.test")
     llm = Daemon()
     server = _stand_in(llm)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -171,9 +171,9 @@ class HTTPClientTransport(httpx.BaseTransport):
                     break
         for connection in stale:
             connection.close()
-        if found is not None and not _closed_by_peer(found):
-            return found
         if found is not None:
+            if not _closed_by_peer(found):
+                return found
             found.close()
         if origin[0] == "https":
             return http.client.HTTPSConnection(origin[1], origin[2], context=self._tls)
